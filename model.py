@@ -1,0 +1,496 @@
+"""Llama in plain PyTorch: forward pass, Hugging Face safetensors load/save, KV-cache generation.
+
+The student, every teacher checkpoint and the frozen SFT student of SCD (arXiv 2601.10114, Sec. 3) are all
+instances of this one model. Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, ...),
+so any LlamaForCausalLM checkpoint loads with a strict state-dict load and no mapping table, and what we save
+loads back into transformers.
+
+Also here, because every script needs them: `UserError` and `run_cli` (one-line errors instead of tracebacks) and
+the atomic file/dir writers (a crash never leaves a half-written file that looks complete).
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+class UserError(Exception):
+    """An error the user can fix (bad file, flag or model). Printed as one line, no traceback."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    hidden_dim: int = 1536  # MLP intermediate size
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    extra: dict = field(default_factory=dict)  # token ids etc., kept only so save -> load round-trips
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Read a HF Llama config.json dict; refuse (naming the key) anything this model cannot represent."""
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type", "llama") != "llama" or archs != ["LlamaForCausalLM"]:
+            raise UserError(f"config.json: model_type={cfg.get('model_type')!r} architectures={archs}: "
+                            "only Llama (LlamaForCausalLM) is supported")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise UserError(f"config.json: {key}=true is not supported (Llama has no biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UserError(f"config.json: hidden_act={cfg['hidden_act']!r} is not supported, only 'silu'")
+        if cfg.get("pretraining_tp", 1) != 1:
+            raise UserError(f"config.json: pretraining_tp={cfg['pretraining_tp']} is not supported, only 1")
+        # transformers >= 5 writes `rope_parameters` (theta + scaling in one dict); older configs split them
+        scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind in (None, "default"):
+                scaling = None
+            elif kind != "llama3":
+                raise UserError(f"config.json: rope_scaling type {kind!r} is not supported, only 'llama3' or none")
+            else:
+                keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                if any(k not in scaling for k in keys):
+                    raise UserError(f"config.json: llama3 rope_scaling needs {', '.join(keys)}")
+                scaling = {"rope_type": "llama3", **{k: scaling[k] for k in keys}}
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        if n_heads % n_kv_heads:
+            raise UserError(f"config.json: num_attention_heads={n_heads} is not a multiple of "
+                            f"num_key_value_heads={n_kv_heads}")
+        keep = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
+        return cls(
+            dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads, hidden_dim=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta, rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            extra={k: cfg[k] for k in keep if cfg.get(k) is not None},
+        )
+
+    def to_hf_config(self, dtype: torch.dtype | None = None) -> dict:
+        cfg = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            **self.extra,
+        }
+        if dtype is not None:
+            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return cfg
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,) in fp32, with Llama-3.1 `rope_scaling` applied if configured."""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim)
+    if args.rope_scaling is None:
+        return inv_freq
+    s = args.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are slowed by `factor`, short ones kept, the band between is interpolated smoothly
+    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > old_ctx / low, inv_freq / factor, torch.where(wavelen < old_ctx / high, inv_freq, scaled))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, hd); cos/sin (B, 1, T, hd). HF's rotate-half convention: pairs are (i, i + hd/2), not (2i, 2i+1)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    B, H, T, hd = x.shape  # (B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd)
+    return x if n_rep == 1 else x[:, :, None].expand(B, H, n_rep, T, hd).reshape(B, H * n_rep, T, hd)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # the mean of squares in fp32: in bf16 it loses the digits that matter for large activations
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for every layer plus which slots hold real (non-pad) tokens."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__()
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0  # slots filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        # mask None means plain causal attention, which is exact for unpadded and right-padded batches
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The `model.` prefix of HF's tensor names: embeddings, decoder layers, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", torch.empty(args.head_dim // 2), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0, args.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, args.head_dim), persistent=False)
+        if self.inv_freq.device.type != "meta":
+            self.init_rope()
+
+    def init_rope(self, device=None, max_len: int = 4096):
+        """(Re)build the fp32 cos/sin tables once; `rope_table` grows them if a longer sequence comes."""
+        device = device or self.model.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.args).to(device)
+        self.rope_cos = self.rope_sin = torch.empty(0, self.args.head_dim, device=device)
+        self.rope_table(max_len)
+
+    def rope_table(self, n: int):
+        if n > self.rope_cos.shape[0]:
+            n = max(n, 2 * self.rope_cos.shape[0])
+            freqs = torch.outer(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, hd)
+            self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        return self.rope_cos, self.rope_sin
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """Final-normed hidden states (B, T, D). attention_mask (B, T): 1 for real tokens, left or right padding."""
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            else:  # count only real tokens, so left padding does not shift positions
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = None
+        if cache is not None:
+            cache.valid[:, start:start + T] = True if attention_mask is None else attention_mask.bool()
+            S = start + T
+            q_pos = torch.arange(start, S, device=input_ids.device)[:, None]
+            k_pos = torch.arange(S, device=input_ids.device)[None, :]
+            # a query sees earlier real tokens and always itself (so all-pad rows do not give NaN)
+            mask = ((k_pos <= q_pos) & cache.valid[:, None, :S]) | (k_pos == q_pos)
+            mask = mask[:, None]  # (B, 1, T, S)
+        elif attention_mask is not None and not is_right_padded(attention_mask):
+            m = attention_mask.bool()
+            causal = torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
+            mask = ((causal & m[:, None, :]) | torch.eye(T, dtype=torch.bool, device=m.device))[:, None]
+        cos, sin = self.rope_table(int(position_ids.max()) + 1)
+        dtype = self.model.embed_tokens.weight.dtype
+        cos = cos[position_ids].to(dtype)[:, None]  # (B, 1, T, hd)
+        sin = sin[position_ids].to(dtype)[:, None]
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        # fp32 out: losses and sampling take softmax over the vocab, where bf16 rounding shifts probabilities
+        return self.lm_head(h).float()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        return self.lm_logits(self.hidden(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros, so plain causal attention is already exact."""
+    m = attention_mask.long()
+    return bool((m.cumprod(-1) == m).all())
+
+# -----------------------------------------------------------------------------
+# loading and saving Hugging Face checkpoints
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no 'weight_map'")
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """Load a HF Llama checkpoint dir: build on the meta device, then fill each tensor from mmapped safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: model directory not found")
+    args = ModelArgs.from_hf_config(read_json(path / "config.json"))
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    state, source = {}, {}
+    for file in checkpoint_files(path):
+        if not file.is_file():
+            raise UserError(f"{file}: shard listed in the index is missing")
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_word_embeddings):
+                        continue  # derived buffers some exporters store; a tied head duplicates the embeddings
+                    if name not in expected:
+                        raise UserError(f"{file}: unexpected tensor {name!r} for this Llama config")
+                    t = f.get_tensor(name)
+                    if t.shape != expected[name]:
+                        raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                        f"config.json implies {tuple(expected[name])}")
+                    state[name], source[name] = t.to(device=device, dtype=dtype), file
+        except SafetensorError as e:
+            raise UserError(f"{file}: not a valid safetensors file ({e})") from None
+        except OSError as e:
+            raise UserError(f"{file}: cannot read ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        files = ", ".join(str(f) for f in checkpoint_files(path))
+        raise UserError(f"{path}: tensor {missing[0]!r} missing from {files}" +
+                        (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model.load_state_dict(state, strict=not args.tie_word_embeddings, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope(device)
+    return model
+
+
+def save_model(model: Transformer, path, dtype: torch.dtype | None = None):
+    """Write config.json + model.safetensors (HF names; a tied lm_head is not stored). Not atomic by itself."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.args.tie_word_embeddings:
+            continue
+        state[name] = (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    out_dtype = dtype or model.model.embed_tokens.weight.dtype
+    (path / "config.json").write_text(json.dumps(model.args.to_hf_config(out_dtype), indent=2) + "\n")
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """logits (B, V) -> next token (B,): greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        # drop a token once the mass before it already reaches top_p (the top token always stays)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_id: int = 0,
+             temperature: float = 0.0, top_p: float = 1.0, generator=None) -> list[list[int]]:
+    """Batched generation with a KV cache. Prompts are left-padded; returns the new tokens of each prompt,
+    stopped at (and without) the first eos. `eos_id` is an int or a collection of ints (Llama-3 has several)."""
+    device = model.model.embed_tokens.weight.device
+    eos = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)), device=device)
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = True
+    cache = KVCache(model.args, B, T + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
+    h = model.hidden(ids, mask, cache=cache)[:, -1]  # only the last position's logits are needed
+    pos = mask.sum(-1, keepdim=True)  # (B, 1) position of the next token
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = sample_next(model.lm_logits(h), temperature, top_p, generator)
+        nxt = torch.where(done, pad_id, nxt)
+        out.append(nxt)
+        done |= torch.isin(nxt, eos)
+        if done.all():
+            break
+        h = model.hidden(nxt[:, None], position_ids=pos, cache=cache)[:, -1]
+        pos = pos + 1
+    result = []
+    for row in (torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]):
+        stop = next((j for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
+        result.append(row[:stop])
+    return result
+
+# -----------------------------------------------------------------------------
+# small utilities every script shares
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temp dir beside `path`; on success it replaces `path` in one rename, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():  # replacing a finished dir: move it aside first, then drop it
+            old = tmp.with_name(tmp.name + "-old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path, text: str):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_cli(main):
+    """Run a script's main(); a UserError becomes one `error: ...` line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
