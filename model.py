@@ -457,6 +457,7 @@ def atomic_dir(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model dir
         if path.exists():  # replacing a finished dir: move it aside first, then drop it
             old = tmp.with_name(tmp.name + "-old")
             os.replace(path, old)
@@ -478,6 +479,7 @@ def atomic_write_text(path, text: str):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
