@@ -1,0 +1,641 @@
+"""Tasks, chat templates, tokenisation, label masks, length-grouped batches and task metrics.
+
+Every script reads its data through here. The built-in tasks come from ../shared/data (see its README):
+
+    pubmedqa      PQA-L yes/no/maybe questions; the 500 official test PMIDs are `test`, the other 500 are split
+                  80/20 into train/val, stratified by label with a fixed seed. Metrics: accuracy (main), macro-F1.
+    ncbi_disease  disease-mention NER from IOB files (train/devel/test.tsv). Metric: entity micro-F1 (main).
+    bc5cdr        chemical + disease NER, same format and metric.
+    jsonl         a user file: {"prompt", "response"} or {"messages": [...]} per line, optional "id".
+
+Every example carries a stable id (pubmedqa/<PMID>, ncbi_disease/train/<sentence index>, <file name>:<line>):
+per-sample losses, the AW weights and the SFS/TFS analysis of SCD (arXiv 2601.10114, Sec. 3) key on it.
+
+NER answers list the mentions in order of appearance, one per line, copied token-for-token from the sentence
+(tokens joined by single spaces, as in the prompt); BC5CDR appends the type, `cisplatin (Chemical)`. An empty list
+is `None`. Mentions never contain a newline, so parse_answer(format_answer(gold)) == gold. Scoring matches
+(mention, type) pairs of each sentence as multisets: a mention that occurs twice must be listed twice.
+
+Chat turns are rendered by hand in the tokenizer's own format, ChatML (SmolLM2) or Llama-3 headers, without any
+default system prompt (SmolLM2's template adds one; we never do, in training or in generation). Labels are -100
+everywhere except the answer tokens and the end-of-turn token that follows them.
+"""
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from model import UserError, read_json
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+SPLITS = ("train", "val", "test")
+IGNORE = -100  # label of tokens that carry no loss
+PUBMEDQA_LABELS = ("yes", "no", "maybe")
+PUBMEDQA_VAL_SHARE = 0.2  # of the 500 non-test PQA-L questions: 400 train, 100 val
+PUBMEDQA_SPLIT_SEED = 0  # fixed, independent of any run's --seed, so ids never move between splits
+IOB_FILES = {"train": "train.tsv", "val": "devel.tsv", "test": "test.tsv"}
+NER_TYPES = {"ncbi_disease": ("Disease",), "bc5cdr": ("Chemical", "Disease")}
+NO_ENTITIES = "None"
+MEGA_BATCHES = 50  # length grouping sorts within windows of this many batches
+SOURCES = {
+    "pubmedqa": "github.com/pubmedqa/pubmedqa (data/ori_pqal.json, data/test_ground_truth.json)",
+    "ncbi_disease": "github.com/cambridgeltl/MTL-Bioinformatics-2016 (data/NCBI-disease-IOB)",
+    "bc5cdr": "github.com/cambridgeltl/MTL-Bioinformatics-2016 (data/BC5CDR-IOB)",
+}
+NER_INSTRUCTIONS = {
+    "ncbi_disease": "List the disease mentions in the sentence above, one per line, copied exactly as written. "
+                    "Answer None if there are none.",
+    "bc5cdr": "List the chemical and disease mentions in the sentence above, one per line, copied exactly as "
+              "written and followed by their type, (Chemical) or (Disease). Answer None if there are none.",
+}
+
+
+@dataclass
+class Example:
+    id: str
+    prompt: str  # user turn text
+    answer: str  # gold assistant text
+    gold: object = None  # pubmedqa: label; NER: list of (mention, type); jsonl: None
+    system: str | None = None
+
+# -----------------------------------------------------------------------------
+# reading files: every error names the file and, where there is one, the line
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
+def load_json(path: Path):
+    text = read_text(path)
+    try:
+        return json.loads(text), text
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+
+
+def require_files(task: str, task_dir: Path, names: list[str]):
+    missing = [n for n in names if not (task_dir / n).is_file()]
+    if missing:
+        raise UserError(f"{task_dir}: missing {', '.join(missing)} for task {task}; get them from {SOURCES[task]} "
+                        f"(see shared/data/README.md), or pass --data-dir holding {task}/")
+
+
+def check_text(value, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {field!r} must be a string")
+    if not value.strip():
+        raise UserError(f"{where}: empty {field}")
+    return value
+
+# -----------------------------------------------------------------------------
+# pubmedqa (PQA-L)
+
+
+def pubmedqa_prompt(record: dict) -> str:
+    sections = record.get("LABELS") or [None] * len(record["CONTEXTS"])
+    context = "\n".join(f"{s}: {c}" if s else c for s, c in zip(sections, record["CONTEXTS"]))
+    return f"{context}\n\nQuestion: {record['QUESTION']}\nAnswer yes, no or maybe."
+
+
+def pubmedqa_problem(record) -> str | None:
+    """What is wrong with one ori_pqal.json record, or None."""
+    if not isinstance(record, dict):
+        return "expected an object"
+    for field in ("QUESTION", "CONTEXTS", "final_decision"):
+        if field not in record:
+            return f"missing field {field!r}"
+    if not isinstance(record["QUESTION"], str) or not record["QUESTION"].strip():
+        return "empty QUESTION"
+    contexts = record["CONTEXTS"]
+    if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
+        return "CONTEXTS must be a non-empty list of non-empty strings"
+    sections = record.get("LABELS")
+    if sections is not None and (not isinstance(sections, list) or len(sections) != len(contexts)):
+        return "LABELS must be a list as long as CONTEXTS"
+    if record["final_decision"] not in PUBMEDQA_LABELS:
+        return f"unknown label {record['final_decision']!r} (expected one of {', '.join(PUBMEDQA_LABELS)})"
+    return None
+
+
+def pubmedqa_val_split(pmids: list[str], labels: list[str]) -> set[str]:
+    """The val PMIDs: PUBMEDQA_VAL_SHARE of each label's questions, drawn with PUBMEDQA_SPLIT_SEED."""
+    rng = np.random.default_rng(PUBMEDQA_SPLIT_SEED)
+    val = set()
+    for label in PUBMEDQA_LABELS:
+        group = [p for p, lab in zip(pmids, labels) if lab == label]
+        n_val = round(len(group) * PUBMEDQA_VAL_SHARE)
+        val.update(group[i] for i in rng.permutation(len(group))[:n_val])
+    return val
+
+
+def load_pubmedqa(split: str, data_dir: Path, data_file=None) -> list[Example]:
+    task_dir = data_dir / "pubmedqa"
+    require_files("pubmedqa", task_dir, ["ori_pqal.json", "test_ground_truth.json"])
+    pqal_path, truth_path = task_dir / "ori_pqal.json", task_dir / "test_ground_truth.json"
+    pqal, text = load_json(pqal_path)
+    truth, _ = load_json(truth_path)
+    if not isinstance(pqal, dict) or not pqal:
+        raise UserError(f"{pqal_path}: expected a non-empty object keyed by PMID")
+    if not isinstance(truth, dict) or not truth:
+        raise UserError(f"{truth_path}: expected a non-empty object PMID -> label")
+    for pmid, record in pqal.items():
+        if problem := pubmedqa_problem(record):
+            line = text.count("\n", 0, text.find(f'"{pmid}"')) + 1
+            raise UserError(f"{pqal_path}:{line}: PMID {pmid}: {problem}")
+    for pmid, label in truth.items():
+        if pmid not in pqal:
+            raise UserError(f"{truth_path}: PMID {pmid} is not in {pqal_path.name}")
+        if label != pqal[pmid]["final_decision"]:
+            raise UserError(f"{truth_path}: PMID {pmid}: label {label!r} disagrees with {pqal_path.name} "
+                            f"({pqal[pmid]['final_decision']!r})")
+    rest = [p for p in pqal if p not in truth]
+    if not rest:
+        raise UserError(f"{pqal_path}: no questions left for train/val after removing the test PMIDs")
+    val = pubmedqa_val_split(rest, [pqal[p]["final_decision"] for p in rest])
+    pmids = {"test": [p for p in pqal if p in truth], "val": [p for p in rest if p in val],
+             "train": [p for p in rest if p not in val]}[split]
+    return [Example(f"pubmedqa/{p}", pubmedqa_prompt(pqal[p]), pqal[p]["final_decision"], pqal[p]["final_decision"])
+            for p in pmids]
+
+# -----------------------------------------------------------------------------
+# NER from IOB files (ncbi_disease, bc5cdr)
+
+
+def read_iob(path: Path, types: tuple[str, ...]) -> list[tuple[list[str], list[str]]]:
+    """Sentences as (words, tags); blank lines separate sentences."""
+    known = {"O"} | {f"{p}-{t}" for p in "BI" for t in types}
+    sentences, words, tags = [], [], []
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            if words:
+                sentences.append((words, tags))
+                words, tags = [], []
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or len(fields[0].split()) != 1 or fields[0] != fields[0].strip():
+            raise UserError(f"{path}:{n}: malformed IOB line {line[:60]!r} (expected one token<TAB>tag)")
+        word, tag = fields
+        if tag not in known:
+            raise UserError(f"{path}:{n}: unknown label {tag!r} (expected one of {', '.join(sorted(known))})")
+        if tag.startswith("I-") and (not tags or tags[-1] == "O" or tags[-1][2:] != tag[2:]):
+            raise UserError(f"{path}:{n}: malformed IOB: {tag} does not continue a {tag[2:]} mention")
+        words.append(word)
+        tags.append(tag)
+    if words:
+        sentences.append((words, tags))
+    if not sentences:
+        raise UserError(f"{path}: empty dataset (no sentences)")
+    return sentences
+
+
+def iob_mentions(words: list[str], tags: list[str]) -> list[tuple[str, str]]:
+    spans = []
+    for word, tag in zip(words, tags):
+        if tag.startswith("B-"):
+            spans.append(([word], tag[2:]))
+        elif tag.startswith("I-"):
+            spans[-1][0].append(word)
+    return [(" ".join(ws), t) for ws, t in spans]
+
+
+def load_ner(task: str, split: str, data_dir: Path, data_file=None) -> list[Example]:
+    task_dir = data_dir / task
+    require_files(task, task_dir, list(IOB_FILES.values()))
+    examples = []
+    for i, (words, tags) in enumerate(read_iob(task_dir / IOB_FILES[split], NER_TYPES[task])):
+        gold = iob_mentions(words, tags)
+        prompt = f"Sentence: {' '.join(words)}\n\n{NER_INSTRUCTIONS[task]}"
+        examples.append(Example(f"{task}/{split}/{i}", prompt, format_answer(task, gold), gold))
+    return examples
+
+
+def format_ner(task: str, mentions: list[tuple[str, str]]) -> str:
+    typed = len(NER_TYPES[task]) > 1
+    for mention, kind in mentions:
+        assert kind in NER_TYPES[task] and mention == " ".join(mention.split()) and mention, (mention, kind)
+        assert typed or mention != NO_ENTITIES, "an untyped mention 'None' would read as no mentions"
+    return "\n".join(f"{m} ({t})" if typed else m for m, t in mentions) or NO_ENTITIES
+
+
+def parse_ner(task: str, text: str) -> list[tuple[str, str | None]]:
+    """Generated answer -> [(mention, type)]; a line without a valid type gets type None (never matches gold)."""
+    types = NER_TYPES[task]
+    if text.strip() == NO_ENTITIES:
+        return []
+    mentions = []
+    for line in text.split("\n"):
+        line = " ".join(line.split())
+        if not line:
+            continue
+        if len(types) == 1:
+            mentions.append((line, types[0]))
+        else:
+            m = re.fullmatch(rf"(.+) \(({'|'.join(types)})\)", line)
+            mentions.append((m[1], m[2]) if m else (line, None))
+    return mentions
+
+# -----------------------------------------------------------------------------
+# jsonl: a user's own prompt/response file
+
+
+def jsonl_record(record: dict, where: str) -> tuple[str | None, str, str]:
+    """(system, prompt, answer) of one line."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise UserError(f"{where}: 'messages' must be a list of {{\"role\", \"content\"}} objects")
+        for m in messages:
+            if "role" not in m or "content" not in m:
+                raise UserError(f"{where}: every message needs 'role' and 'content'")
+        roles = [m["role"] for m in messages]
+        if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+            raise UserError(f"{where}: messages must be one turn, roles [system,] user, assistant; got {roles}")
+        system = check_text(messages[0]["content"], where, "system content") if roles[0] == "system" else None
+        return (system, check_text(messages[-2]["content"], where, "user content"),
+                check_text(messages[-1]["content"], where, "assistant content"))
+    missing = [f for f in ("prompt", "response") if f not in record]
+    if missing:
+        raise UserError(f"{where}: missing field {missing[0]!r} (need \"prompt\" and \"response\", or \"messages\")")
+    system = check_text(record["system"], where, "system") if record.get("system") is not None else None
+    return system, check_text(record["prompt"], where, "prompt"), check_text(record["response"], where, "response")
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    examples = []
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        system, prompt, answer = jsonl_record(record, where)
+        id_ = record.get("id", f"{path.name}:{n}")
+        if isinstance(id_, bool) or not isinstance(id_, (str, int)) or not str(id_).strip():
+            raise UserError(f"{where}: 'id' must be a non-empty string or an integer")
+        examples.append(Example(str(id_), prompt, answer, None, system))
+    if not examples:
+        raise UserError(f"{path}: empty dataset (no examples)")
+    return examples
+
+
+def load_jsonl(split: str, data_dir: Path, data_file=None) -> list[Example]:
+    if data_file is None:
+        raise UserError("--data-file: task jsonl needs a JSONL file of {\"prompt\", \"response\"} or {\"messages\"}")
+    paths = [data_file] if isinstance(data_file, (str, Path)) else list(data_file)
+    examples, seen = [], {}
+    for path in map(Path, paths):
+        for ex in read_jsonl(path):
+            if ex.id in seen:
+                raise UserError(f"{path}: duplicate id {ex.id!r} (also in {seen[ex.id]})")
+            seen[ex.id] = path
+            examples.append(ex)
+    return examples
+
+# -----------------------------------------------------------------------------
+# task registry
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    metric: str  # what score()["main"] is
+    splits: tuple[str, ...]
+    load: Callable[..., list[Example]]  # (split, data_dir, data_file) -> examples
+    max_new_tokens: int  # enough for any gold answer of the task, for generation
+
+
+TASKS = {
+    "pubmedqa": Task("pubmedqa", "accuracy", SPLITS, load_pubmedqa, 8),
+    "ncbi_disease": Task("ncbi_disease", "entity_f1", SPLITS, partial(load_ner, "ncbi_disease"), 128),
+    "bc5cdr": Task("bc5cdr", "entity_f1", SPLITS, partial(load_ner, "bc5cdr"), 256),
+    "jsonl": Task("jsonl", "exact_match", SPLITS, load_jsonl, 256),
+}
+
+
+def get_task(task: str) -> Task:
+    if task not in TASKS:
+        raise UserError(f"--task {task!r}: unknown task (choose from {', '.join(TASKS)})")
+    return TASKS[task]
+
+
+def load_examples(task: str, split: str, data_dir=None, data_file=None, limit=None, seed=0) -> list[Example]:
+    """Examples of one split, in file order. `limit` keeps a random subset (drawn with `seed`, file order kept).
+
+    For task jsonl, `data_file` is the file (or list of files) of this split; `data_dir` is ignored.
+    """
+    spec = get_task(task)
+    if split not in spec.splits:
+        raise UserError(f"split {split!r}: must be one of {', '.join(spec.splits)}")
+    data_dir = Path(data_dir) if data_dir is not None else DATA_DIR
+    if task != "jsonl" and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: not a directory; it should hold {task}/ "
+                        f"(get the files from {SOURCES[task]}, see shared/data/README.md)")
+    examples = spec.load(split, data_dir, data_file)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit {limit}: must be positive")
+        if limit < len(examples):
+            keep = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
+            examples = [examples[i] for i in keep]
+    return examples
+
+
+def format_answer(task: str, gold) -> str:
+    if task in NER_TYPES:
+        return format_ner(task, gold)
+    if task == "pubmedqa":
+        assert gold in PUBMEDQA_LABELS, gold
+    return gold
+
+
+def parse_answer(task: str, text: str):
+    """Generated text -> comparable answer: pubmedqa label or None, NER [(mention, type)], jsonl stripped text."""
+    if task in NER_TYPES:
+        return parse_ner(task, text)
+    if task == "pubmedqa":
+        words = text.strip().lower().split()
+        first = words[0].strip(".,;:!?\"'()") if words else ""
+        return first if first in PUBMEDQA_LABELS else None
+    return text.strip()
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def prf(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
+    """Precision, recall, F1. Nothing predicted and nothing to find scores 1; a zero denominator otherwise 0."""
+    p = tp / n_pred if n_pred else float(n_gold == 0)
+    r = tp / n_gold if n_gold else float(n_pred == 0)
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def entity_scores(golds: list[list], preds: list[list]) -> dict:
+    """Entity-level micro P/R/F1: per sentence, (mention, type) multisets; tp = size of their intersection."""
+    tp = sum(sum((Counter(map(tuple, g)) & Counter(map(tuple, p))).values()) for g, p in zip(golds, preds))
+    n_pred, n_gold = sum(map(len, preds)), sum(map(len, golds))
+    p, r, f1 = prf(tp, n_pred, n_gold)
+    return {"main": f1, "entity_f1": f1, "precision": p, "recall": r, "tp": tp, "n_pred": n_pred, "n_gold": n_gold,
+            "n_untyped": sum(t is None for pred in preds for _, t in pred)}
+
+
+def label_scores(golds: list[str], preds: list[str | None]) -> dict:
+    """Accuracy, and macro-F1 over the labels seen in gold or prediction; an unparseable prediction is a miss."""
+    accuracy = sum(g == p for g, p in zip(golds, preds)) / len(golds)
+    labels = [lab for lab in PUBMEDQA_LABELS if lab in golds or lab in preds]
+    f1s = []
+    for lab in labels:
+        tp = sum(g == p == lab for g, p in zip(golds, preds))
+        f1s.append(prf(tp, sum(p == lab for p in preds), sum(g == lab for g in golds))[2])
+    return {"main": accuracy, "accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "n": len(golds),
+            "n_invalid": sum(p is None for p in preds)}
+
+
+def score(task: str, examples: list[Example], predictions: list[str]) -> dict:
+    """Task metrics of generated answers; "main" is accuracy (pubmedqa), entity F1 (NER) or exact match (jsonl)."""
+    assert len(examples) == len(predictions), (len(examples), len(predictions))
+    if not examples:
+        raise UserError(f"{task}: no examples to score")
+    preds = [parse_answer(task, p) for p in predictions]
+    if task in NER_TYPES:
+        return entity_scores([ex.gold for ex in examples], preds)
+    if task == "pubmedqa":
+        return label_scores([ex.gold for ex in examples], preds)
+    em = sum(p == ex.answer.strip() for p, ex in zip(preds, examples)) / len(examples)
+    return {"main": em, "exact_match": em, "n": len(examples)}
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat templates
+
+CHAT_TOKENS = {  # control tokens each chat format needs: bos, turn start/header, turn end
+    "chatml": {"start": "<|im_start|>", "end": "<|im_end|>"},
+    "llama3": {"bos": "<|begin_of_text|>", "header_start": "<|start_header_id|>",
+               "header_end": "<|end_header_id|>", "end": "<|eot_id|>"},
+}
+
+
+@dataclass
+class Tok:
+    tk: Tokenizer
+    chat_format: str  # "chatml" or "llama3"
+    special: dict[str, int]  # CHAT_TOKENS role -> id
+    bos_id: int
+    eos_id: int  # the end-of-turn token: generation stops there
+    pad_id: int
+    files: list[Path]  # to copy next to every checkpoint
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids; special-token strings in the text are encoded as text, never as control tokens."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+
+def token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def chat_template_text(model_dir: Path, config: dict) -> str:
+    template = config.get("chat_template") or ""
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = " ".join(t.get("template", "") for t in template if isinstance(t, dict))
+    jinja = model_dir / "chat_template.jinja"
+    return str(template) + (read_text(jinja) if jinja.is_file() else "")
+
+
+def detect_chat_format(template: str, vocab: dict[str, int]) -> str | None:
+    """From the chat template when there is one, else from which control tokens the vocabulary holds."""
+    for fmt in ("llama3", "chatml"):
+        if CHAT_TOKENS[fmt]["end"] in template:
+            return fmt
+    for fmt in ("llama3", "chatml"):
+        if all(t in vocab for t in CHAT_TOKENS[fmt].values()):
+            return fmt
+    return None
+
+
+def load_tokenizer(model_dir) -> Tok:
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (a model dir needs tokenizer.json; prepare.py makes models/teacher)")
+    try:
+        tk = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"{path}: cannot load the tokenizer ({e})") from None
+    config_path = model_dir / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    vocab = tk.get_vocab(with_added_tokens=True)
+    fmt = detect_chat_format(chat_template_text(model_dir, config), vocab)
+    if fmt is None:
+        raise UserError(f"{path}: cannot tell the chat format: neither ChatML (<|im_start|>, <|im_end|>) nor "
+                        "Llama-3 (<|start_header_id|>, <|end_header_id|>, <|eot_id|>) control tokens found")
+    missing = [t for t in CHAT_TOKENS[fmt].values() if t not in vocab]
+    if missing:
+        raise UserError(f"{path}: the {fmt} chat template needs {', '.join(missing)}, not in the vocabulary")
+    special = {role: vocab[t] for role, t in CHAT_TOKENS[fmt].items()}
+    bos = token_name(config.get("bos_token"))
+    pad = token_name(config.get("pad_token"))
+    bos_id = vocab[bos] if bos in vocab else special.get("bos", special.get("start"))
+    eos_id = special["end"]
+    pad_id = vocab[pad] if pad in vocab else eos_id
+    tk.encode_special_tokens = True  # text that spells "<|im_end|>" must not become a control token
+    files = [p for p in (path, config_path, model_dir / "special_tokens_map.json", model_dir / "chat_template.jinja")
+             if p.is_file()]
+    return Tok(tk, fmt, special, bos_id, eos_id, pad_id, files)
+
+
+def chat_pieces(tok: Tok, ex: Example) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(head, user, tail, answer): head + user + tail is the generation prompt, ending with the assistant header;
+    `user` is the user text (the part truncation may cut); `answer` ends with the end-of-turn token.
+
+    ChatML:  <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n
+    Llama-3: <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|>
+             <|start_header_id|>assistant<|end_header_id|>\\n\\n
+    Pieces are encoded separately, so the prompt is exactly a prefix of the training sequence; the tests check the
+    ids against transformers' own rendering of the chat template.
+    """
+    s, enc = tok.special, tok.encode
+    if tok.chat_format == "chatml":
+        def header(role):
+            return [s["start"]] + enc(f"{role}\n")
+        head, close = [], [s["end"]] + enc("\n")
+    else:
+        def header(role):
+            return [s["header_start"]] + enc(role) + [s["header_end"]] + enc("\n\n")
+        head, close = [s["bos"]], [s["end"]]
+    if ex.system is not None:
+        head = head + header("system") + enc(ex.system) + close
+    return head + header("user"), enc(ex.prompt), close + header("assistant"), enc(ex.answer) + [s["end"]]
+
+
+def encode_prompt(tok: Tok, ex: Example, max_len: int | None = None) -> list[int]:
+    """Chat-rendered prompt ending with the assistant header; over max_len, the start of the user text is cut."""
+    head, user, tail, _ = chat_pieces(tok, ex)
+    if max_len is not None and len(head) + len(user) + len(tail) > max_len:
+        keep = max_len - len(head) - len(tail)
+        if keep < 1:
+            raise UserError(f"--max-len {max_len}: shorter than the chat template of example {ex.id} "
+                            f"({len(head) + len(tail) + 1} tokens at least)")
+        user = user[len(user) - keep:]
+    return head + user + tail
+
+
+def encode_example(tok: Tok, ex: Example, max_len: int | None = None) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): labels are the answer and its end-of-turn token, -100 elsewhere.
+
+    Over max_len, the start of the user text is cut first (the question or instruction sits at its end); only if
+    the answer alone does not fit is the answer cut at its end, and then it loses its end-of-turn token too.
+    """
+    head, user, tail, answer = chat_pieces(tok, ex)
+    over = len(head) + len(user) + len(tail) + len(answer) - max_len if max_len is not None else 0
+    if over > 0:
+        cut = min(over, len(user))
+        user, rest = user[cut:], over - cut
+        if rest >= len(answer):
+            raise UserError(f"--max-len {max_len}: shorter than the chat template of example {ex.id} "
+                            f"({len(head) + len(tail) + 1} tokens at least)")
+        answer = answer[:len(answer) - rest]
+    prompt = head + user + tail
+    return prompt + answer, [IGNORE] * len(prompt) + answer, over > 0
+
+
+def encode_split(tok: Tok, examples: list[Example], max_len: int | None = None,
+                 refuse_long: bool = False) -> tuple[list[dict], int]:
+    """Training items {"id", "input_ids", "labels"} of a split and how many were truncated (callers report it).
+
+    With refuse_long, an example longer than max_len is an error instead of being truncated.
+    """
+    items, n_truncated = [], 0
+    for ex in examples:
+        input_ids, labels, truncated = encode_example(tok, ex, max_len)
+        if truncated and refuse_long:
+            raise UserError(f"example {ex.id}: {len(encode_example(tok, ex)[0])} tokens, longer than "
+                            f"--max-len {max_len}")
+        n_truncated += truncated
+        items.append({"id": ex.id, "input_ids": input_ids, "labels": labels})
+    return items, n_truncated
+
+
+def encode_prompts(tok: Tok, examples: list[Example], max_len: int | None = None) -> tuple[list[list[int]], int]:
+    """Generation prompts of a split and how many had their user text cut to fit max_len."""
+    prompts = [encode_prompt(tok, ex, max_len) for ex in examples]
+    n_truncated = sum(len(p) < len(encode_prompt(tok, ex)) for p, ex in zip(prompts, examples))
+    return prompts, n_truncated
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-padded batch: input_ids, attention_mask (1 = real token) and labels (B, T), plus the example ids."""
+    B, T = len(items), max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[i, :n] = torch.tensor(it["input_ids"])
+        labels[i, :n] = torch.tensor(it["labels"])
+        attention_mask[i, :n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "ids": [it["id"] for it in items]}
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           shuffle: bool = True) -> list[list[int]]:
+    """Batches of indices with similar lengths, so padding to the longest costs little.
+
+    Shuffled: a permutation drawn from (seed, epoch) is cut into windows of MEGA_BATCHES batches, each window is
+    sorted by length and cut into batches, and the batches are shuffled; the longest batch goes first, so an
+    out-of-memory shows at the first step. Same (seed, epoch), same batches. Not shuffled: sorted longest first.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be positive")
+    n = len(lengths)
+    if not shuffle:
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n).tolist()
+    window = batch_size * MEGA_BATCHES
+    batches = []
+    for start in range(0, n, window):
+        chunk = sorted(perm[start:start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+        batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of the padded (B, T) positions, summed over batches, that are padding."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths[i] for b in batches for i in b) / padded if padded else 0.0
