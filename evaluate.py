@@ -1,0 +1,131 @@
+"""Task evaluation of any HF-layout Llama model dir: the one implementation that sft.py's periodic validation,
+distill.py's final evaluation and the experiment all call.
+
+    python evaluate.py --model runs/distill/scd_aw/final --task ncbi_disease --split test
+
+PubMedQA is scored without generation: the label word (yes/no/maybe) with the highest log-probability after the
+assistant prefix is the prediction. NER tasks generate greedily with the KV cache, in batches, and the answer is
+parsed back into entity mentions and scored by exact-span micro F1 (data.score).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+from model import UserError, atomic_write_text, generate, load_model, run_cli
+
+DEFAULT_MAX_NEW_TOKENS = 96  # NER answers on NCBI/BC5CDR are at most ~60 tokens
+
+
+@torch.no_grad()
+def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dtype: str = "fp32") -> torch.Tensor:
+    """(n_examples, n_labels) summed log-probability of each label's answer tokens after the prompt."""
+    device = model.model.embed_tokens.weight.device
+    label_ids = [tok.encode(data.format_answer("pubmedqa", lab)) for lab in labels]
+    scores = torch.zeros(len(examples), len(labels))
+    prompts = [data.encode_prompt(tok, ex) for ex in examples]
+    for j, lab in enumerate(label_ids):
+        for i in range(0, len(prompts), batch_size):
+            seqs = [p + lab for p in prompts[i:i + batch_size]]
+            T = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+            for r, s in enumerate(seqs):  # left padding puts every label at the same columns
+                ids[r, T - len(s):] = torch.tensor(s)
+                mask[r, T - len(s):] = True
+            ids, mask = ids.to(device), mask.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                h = model.hidden(ids, mask)[:, T - len(lab) - 1:T - 1]  # positions predicting the label tokens
+            logp = model.lm_logits(h).log_softmax(-1)  # (b, len(lab), V)
+            target = torch.tensor(lab, device=device).expand(len(seqs), -1)
+            scores[i:i + len(seqs), j] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()
+    return scores
+
+
+@torch.no_grad()
+def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int, dtype: str = "fp32",
+                     progress: bool = False) -> list[str]:
+    """Greedy answers, batched by prompt length so little of each batch is padding."""
+    device = model.model.embed_tokens.weight.device
+    prompts = [data.encode_prompt(tok, ex) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
+        idx = order[i:i + batch_size]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            outs = generate(model, [prompts[k] for k in idx], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        for k, out in zip(idx, outs):
+            answers[k] = tok.decode(out).strip()
+    return answers
+
+
+def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             dtype: str = "fp32", progress: bool = False) -> tuple[dict, list[dict]]:
+    """Task metrics ({"main": ..., ...}) and per-sample rows (id, prediction, gold, correct)."""
+    was_training = model.training
+    model.eval()
+    if task == "pubmedqa":
+        labels = list(data.PUBMEDQA_LABELS)
+        scores = label_logprobs(model, tok, examples, labels, batch_size, dtype)
+        predictions = [labels[k] for k in scores.argmax(-1).tolist()]
+    else:
+        predictions = generate_answers(model, tok, examples, batch_size, max_new_tokens, dtype, progress)
+    model.train(was_training)
+    metrics = data.score(task, examples, predictions)
+    rows = []
+    for ex, pred in zip(examples, predictions):
+        parsed, gold = data.parse_answer(task, pred), ex.gold if ex.gold is not None else ex.answer
+        correct = sorted(map(tuple, parsed)) == sorted(map(tuple, gold)) if isinstance(gold, list) else parsed == gold
+        rows.append({"id": ex.id, "prediction": pred, "gold": gold, "correct": bool(correct)})
+    return metrics, rows
+
+
+def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None, limit: int = 0,
+                 batch_size: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device: str = "cpu",
+                 dtype: str = "fp32", out=None, progress: bool = True) -> dict:
+    """Load a model dir, evaluate it on a split, write metrics + predictions atomically, return the metrics."""
+    model_dir = Path(model_dir)
+    tok = data.load_tokenizer(model_dir)
+    examples = data.load_examples(task, split, data_dir=data_dir, data_file=data_file, limit=limit or None)
+    if not examples:
+        raise UserError(f"task {task}: split {split!r} is empty")
+    model = load_model(model_dir, device=device)
+    metrics, rows = evaluate(model, tok, task, examples, batch_size, max_new_tokens, dtype, progress)
+    metrics = {"task": task, "split": split, "n": len(examples), "model": str(model_dir), **metrics}
+    out = Path(out) if out else model_dir / f"eval_{task}_{split}.json"
+    atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".predictions.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in rows))
+    return metrics
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="HF Llama model dir (e.g. runs/student/step_000100)")
+    p.add_argument("--task", default="ncbi_disease", help="ncbi_disease, bc5cdr, pubmedqa or jsonl")
+    p.add_argument("--split", choices=["val", "test"], default="test", help="which split to score")
+    p.add_argument("--data", default=None, help="JSONL file for --task jsonl")
+    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward/generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="generation length cap")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast or fp32")
+    p.add_argument("--out", default=None, help="metrics JSON path (default MODEL/eval_TASK_SPLIT.json); "
+                                               "predictions go beside it as .predictions.jsonl")
+    args = p.parse_args(argv)
+    if args.batch_size <= 0 or args.max_new_tokens <= 0 or args.limit < 0:
+        raise UserError("--batch-size and --max-new-tokens must be positive, --limit >= 0")
+    from sft import resolve_device
+    metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, args.data, args.limit,
+                           args.batch_size, args.max_new_tokens, resolve_device(args.device), args.dtype, args.out)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,156 @@
+"""sft.py and evaluate.py on a tiny random Llama carrying the real tokenizer, trained on real NCBI-disease text."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import data
+import evaluate
+import sft
+from model import UserError, load_model
+
+ROOT = sft.Path(sft.__file__).resolve().parent
+
+
+def run_sft(model_dir, out, *extra):
+    argv = ["--role", "teacher", "--model", str(model_dir), "--out", str(out), "--train-size", "16",
+            "--val-size", "4", "--batch-size", "4", "--max-len", "160", "--lr", "3e-3", "--log-every", "1",
+            "--eval-batch-size", "4", *map(str, extra)]
+    sft.main(argv)
+
+
+def test_end_to_end_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run_sft(tiny_model_dir, out, "--epochs", "4", "--save-every", "5")
+    steps = [s for s, _ in sft.list_checkpoints(out)]
+    assert steps == [5, 10, 15, 16]
+    index = json.loads((out / "checkpoints.json").read_text())
+    assert index["steps"] == steps and index["final"] == 16 and index["best"] in steps
+    metas = {s: json.loads((p / "meta.json").read_text()) for s, p in sft.list_checkpoints(out)}
+    for s, meta in metas.items():
+        for key in ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "val_metric", "config"):
+            assert key in meta, key
+        assert meta["step"] == s and meta["config"]["lr"] == 3e-3
+    assert index["best"] == min(steps, key=lambda s: metas[s]["val_loss"])
+    # resume state lives in the newest checkpoint only
+    assert [s for s, p in sft.list_checkpoints(out) if (p / "trainer_state.safetensors").exists()] == [16]
+    # every checkpoint loads in transformers as it is
+    for s, p in sft.list_checkpoints(out):
+        hf, info = AutoModelForCausalLM.from_pretrained(p, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 16 and all(r["tok_per_s"] > 0 for r in rows if "loss" in r)
+    assert sum(losses[-4:]) < 0.9 * sum(losses[:4])  # it learns: from ln(V) = 10.8, the last epoch is clearly lower
+    assert json.loads((out / "config.json").read_text())["role"] == "teacher"
+
+
+def test_grad_accum_does_not_change_the_gradient(tiny_model_dir):
+    tok = data.load_tokenizer(tiny_model_dir)
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=6), 160)
+    model = load_model(tiny_model_dir)
+
+    def grads(micro):
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = sft.train_step(model, [data.collate(m, tok.pad_id) for m in micro], torch.device("cpu"),
+                                    "fp32", clip=1e9)
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    loss_a, g_a = grads([items])
+    loss_b, g_b = grads([items[:2], items[2:3], items[3:]])  # uneven micro-batches on purpose
+    assert abs(loss_a - loss_b) < 1e-5
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # and it is a token mean over the whole batch, not a mean of per-micro-batch means
+    loss_c, _ = grads([items[:1]])
+    assert abs(loss_c - loss_a) > 1e-4
+
+
+def test_resume_ends_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
+    args = ("--epochs", "2", "--save-every", "3")
+    run_sft(tiny_model_dir, tmp_path / "straight", *args)
+
+    real_update = sft.apply_update
+
+    def crash_at_step_5(optimizer, lr, step, loss, grad_norm):
+        if step == 4:  # 0-based: steps 1..4 are done, the last checkpoint is step 3
+            raise RuntimeError("simulated crash")
+        real_update(optimizer, lr, step, loss, grad_norm)
+
+    monkeypatch.setattr(sft, "apply_update", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sft(tiny_model_dir, tmp_path / "resumed", *args)
+    monkeypatch.setattr(sft, "apply_update", real_update)
+    assert [s for s, _ in sft.list_checkpoints(tmp_path / "resumed")] == [3]
+    run_sft(tiny_model_dir, tmp_path / "resumed", *args, "--resume")
+
+    a = load_file(tmp_path / "straight" / "step_000008" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "step_000008" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(run):
+        rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, rows) if "loss" in r]
+    assert losses("straight") == losses("resumed")
+
+
+def test_out_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path):
+    run_sft(tiny_model_dir, tmp_path / "run", "--max-steps", "1")
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        run_sft(tiny_model_dir, tmp_path / "run", "--max-steps", "1")
+    with pytest.raises(UserError, match="--resume: .* has lr=0.003 but this run has lr=0.1"):
+        run_sft(tiny_model_dir, tmp_path / "run", "--max-steps", "1", "--resume", "--lr", "0.1")
+
+
+def test_lr_schedule():
+    assert sft.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert sft.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert sft.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert sft.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert sft.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+    lrs = [sft.lr_at(s, 100, 10, 1.0) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_pubmedqa_scoring_matches_transformers(tiny_model_dir):
+    tok = data.load_tokenizer(tiny_model_dir)
+    examples = data.load_examples("pubmedqa", "val", limit=3)
+    model = load_model(tiny_model_dir)
+    ours = evaluate.label_logprobs(model, tok, examples, list(data.PUBMEDQA_LABELS), batch_size=2)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for i, ex in enumerate(examples):
+        prompt = data.encode_prompt(tok, ex)
+        for j, lab in enumerate(data.PUBMEDQA_LABELS):
+            ids = tok.encode(data.format_answer("pubmedqa", lab))
+            with torch.no_grad():
+                logp = hf(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+            ref = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(ids))
+            assert abs(float(ours[i, j]) - ref) < 1e-3
+
+
+def test_evaluate_cli_writes_metrics_and_predictions(tiny_model_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(tiny_model_dir), "--task",
+                        "ncbi_disease", "--split", "test", "--limit", "4", "--max-new-tokens", "8", "--out",
+                        str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    assert printed == json.loads(out.read_text())
+    assert printed["n"] == 4 and 0.0 <= printed["main"] <= 1.0
+    rows = [json.loads(s) for s in (tmp_path / "eval.predictions.jsonl").read_text().splitlines()]
+    assert [set(row) for row in rows] == [{"id", "prediction", "gold", "correct"}] * 4
+
+
+def test_sft_bad_flags_are_one_line_errors(tiny_model_dir, tmp_path):
+    for flags, msg in [(["--batch-size", "0"], "--batch-size must be positive"),
+                       (["--max-steps", "-3"], "--max-steps must be >= 0"),
+                       (["--task", "nope"], "nope")]:
+        r = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(tiny_model_dir), "--out",
+                            str(tmp_path / "x"), *flags], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
