@@ -18,9 +18,6 @@ from tqdm import tqdm
 import data
 from model import UserError, atomic_write_text, generate, load_model, run_cli
 
-DEFAULT_MAX_NEW_TOKENS = 96  # NER answers on NCBI/BC5CDR are at most ~60 tokens
-
-
 @torch.no_grad()
 def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dtype: str = "fp32") -> torch.Tensor:
     """(n_examples, n_labels) summed log-probability of each label's answer tokens after the prompt."""
@@ -63,9 +60,11 @@ def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int,
     return answers
 
 
-def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_tokens: int | None = None,
              dtype: str = "fp32", progress: bool = False) -> tuple[dict, list[dict]]:
-    """Task metrics ({"main": ..., ...}) and per-sample rows (id, prediction, gold, correct)."""
+    """Task metrics ({"main": ..., ...}) and per-sample rows (id, prediction, gold, correct).
+    max_new_tokens defaults to the task's cap (a little above its longest gold answer)."""
+    max_new_tokens = max_new_tokens or data.get_task(task).max_new_tokens
     was_training = model.training
     model.eval()
     if task == "pubmedqa":
@@ -85,7 +84,7 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
 
 
 def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None, limit: int = 0,
-                 batch_size: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device: str = "cpu",
+                 batch_size: int = 16, max_new_tokens: int | None = None, device: str = "cpu",
                  dtype: str = "fp32", out=None, progress: bool = True) -> dict:
     """Load a model dir, evaluate it on a split, write metrics + predictions atomically, return the metrics."""
     model_dir = Path(model_dir)
@@ -113,14 +112,14 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward/generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="generation length cap")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="generation length cap (0 = the task's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast or fp32")
     p.add_argument("--out", default=None, help="metrics JSON path (default MODEL/eval_TASK_SPLIT.json); "
                                                "predictions go beside it as .predictions.jsonl")
     args = p.parse_args(argv)
-    if args.batch_size <= 0 or args.max_new_tokens <= 0 or args.limit < 0:
-        raise UserError("--batch-size and --max-new-tokens must be positive, --limit >= 0")
+    if args.batch_size <= 0 or args.max_new_tokens < 0 or args.limit < 0:
+        raise UserError("--batch-size must be positive, --max-new-tokens and --limit >= 0")
     from sft import resolve_device
     metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, args.data, args.limit,
                            args.batch_size, args.max_new_tokens, resolve_device(args.device), args.dtype, args.out)

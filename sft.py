@@ -32,12 +32,12 @@ from model import UserError, atomic_dir, atomic_write_text, load_model, read_jso
 # role defaults for the CPU-sized default run (NCBI-disease); --preset gpu switches to the paper's sizes.
 # The pruned student learns more slowly than the teacher, so it gets a higher lr and more epochs.
 ROLE_DEFAULTS = {
-    "teacher": dict(model="models/teacher", out="runs/teacher", lr=1e-4, epochs=2, checkpoints=10),
-    "student": dict(model="models/student", out="runs/student", lr=3e-4, epochs=3, checkpoints=1),
+    "teacher": dict(model="models/teacher", out="runs/teacher", lr=2e-4, epochs=2, checkpoints=10),
+    "student": dict(model="models/student", out="runs/student", lr=5e-4, epochs=3, checkpoints=1),
 }
 PRESETS = {
     # minutes on 2 CPU cores: a slice of the training split, short sequences
-    "cpu": dict(train_size=1000, val_size=100, max_len=256, batch_size=8, dtype="fp32"),
+    "cpu": dict(train_size=500, val_size=100, max_len=256, batch_size=8, dtype="bf16"),
     # the paper's setting (Sec. 4.1): full splits, max length 512, batch 8, bf16
     "gpu": dict(train_size=0, val_size=0, max_len=512, batch_size=8, dtype="bf16", epochs=3),
 }
@@ -56,7 +56,8 @@ def add_common_args(p: argparse.ArgumentParser):
     a("--data-dir", default=None, help="directory with the built-in tasks' files (default: ../shared/data)")
     a("--out", default=None, help="output run directory")
     a("--preset", choices=sorted(PRESETS), default="cpu", help="sizes: 'cpu' (minutes, default) or 'gpu' (paper)")
-    a("--train-size", type=int, default=None, help="use the first N training examples (0 = all; preset: cpu 1000)")
+    a("--train-size", type=int, default=None,
+      help="use N training examples, a fixed seeded subset (0 = all; cpu preset 500)")
     a("--val-size", type=int, default=None, help="validation examples for val loss/metric (0 = all; cpu 100)")
     a("--epochs", type=float, default=None, help="passes over the training data")
     a("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
@@ -66,11 +67,15 @@ def add_common_args(p: argparse.ArgumentParser):
     a("--batch-size", type=int, default=None, help="examples per micro-batch (paper: 8)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     a("--max-len", type=int, default=None, help="truncate examples to this many tokens (paper: 512)")
-    a("--dtype", choices=["fp32", "bf16"], default=None, help="fp32, or bf16 autocast with fp32 master weights")
+    a("--refuse-long", action="store_true", help="stop with an error on an example longer than --max-len "
+                                                 "instead of truncating it (truncations are always counted)")
+    a("--dtype", choices=["fp32", "bf16"], default=None,
+      help="fp32, or bf16 autocast with fp32 master weights (both presets: bf16)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     a("--seed", type=int, default=0, help="seed for data order and initialisation")
     a("--log-every", type=int, default=5, help="optimiser steps between metrics.jsonl lines")
     a("--eval-batch-size", type=int, default=16, help="batch size for evaluation and generation")
+    a("--eval-max-new-tokens", type=int, default=0, help="generation cap in validation (0 = the task's own)")
     a("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     a("--overwrite", action="store_true", help="delete what --out holds and start over")
 
@@ -132,7 +137,7 @@ def load_split(tok, args, split: str, limit: int = 0):
         data_file = files[order]
     examples = data.load_examples(args.task, split, data_dir=args.data_dir, data_file=data_file,
                                   limit=limit or None, seed=0)  # the same subset for teacher, student, every seed
-    items, n_trunc = data.encode_split(tok, examples, args.max_len)
+    items, n_trunc = data.encode_split(tok, examples, args.max_len, refuse_long=args.refuse_long)
     if n_trunc:
         print(f"{args.task}/{split}: {n_trunc} of {len(examples)} examples truncated to --max-len {args.max_len}")
     return examples, items
@@ -225,7 +230,7 @@ def apply_update(optimizer, lr: float, step: int, loss: float, grad_norm: float)
     """Refuse non-finite values before they reach the weights, then step."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
-        raise UserError(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+        raise UserError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                         f"(loss={loss}, grad_norm={grad_norm}); try a lower --lr or --dtype fp32. "
                         "No checkpoint was written for it")
     for group in optimizer.param_groups:
@@ -250,8 +255,14 @@ class MetricsLog:
     def truncate_after(self, step: int):
         """On resume, forget lines the interrupted run wrote after the checkpoint it resumes from."""
         if self.path.exists():
-            rows = [json.loads(s) for s in self.path.read_text().splitlines() if s.strip()]
-            keep = [r for r in rows if r.get("step", 0) <= step]
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the half line a killed process left
+                    continue
+                if row.get("step", 0) <= step:
+                    keep.append(row)
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -281,6 +292,8 @@ def prepare_out_dir(out, config: dict, resume: bool, overwrite: bool) -> Path:
         raise UserError(f"--resume: {out} holds no run to resume")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".tmp-*"):  # what a killed run was writing: never complete, never listed
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise UserError(f"--out {out}: cannot write ({e.strerror})") from None
@@ -400,9 +413,9 @@ def read_train_state(path: Path):
 # the SFT run
 
 
-def expected_minutes(n_params: int, n_tokens: int, device) -> float:
+def expected_minutes(n_params: int, n_tokens: int, device, dtype: str) -> float:
     """Rough duration: 6·N·tokens FLOPs at 40 % of a matmul throughput measured here for a moment."""
-    a = torch.randn(512, 512, device=device)
+    a = torch.randn(512, 512, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < 0.2:
         a @ a
@@ -428,7 +441,7 @@ def validate(model, tok, args, val_examples, val_items, device) -> dict:
     out = {"val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)}
     if val_examples and args.task != "jsonl":
         metrics, _ = evaluate.evaluate(model, tok, args.task, val_examples, batch_size=args.eval_batch_size,
-                                       dtype=args.dtype)
+                                       max_new_tokens=args.eval_max_new_tokens or None, dtype=args.dtype)
         out["val_metric"] = metrics["main"]
         out["val_metrics"] = metrics
     return out
@@ -478,46 +491,48 @@ def train(args) -> Path:
     print(f"{args.role} SFT: {len(train_items)} train / {len(val_items)} val examples of {args.task}, "
           f"{total} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x{args.grad_accum}), "
           f"{model.num_params() / 1e6:.1f}M params on {device}; expected about "
-          f"{expected_minutes(model.num_params(), n_tokens, device):.0f} min of training plus evals")
+          f"{expected_minutes(model.num_params(), n_tokens, device, args.dtype):.0f} min of training plus evals")
 
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"sft {args.role}", dynamic_ncols=True)
     t_log, tok_log = time.perf_counter(), 0
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        micro = [data.collate([train_items[i] for i in mb], tok.pad_id)
-                 for mb in build_batches(train_items, args.batch_size, args.grad_accum, args.seed, epoch)[k]]
-        lr = lr_at(step, total, warmup, args.lr)
-        loss, grad_norm, n_ans = train_step(model, micro, device, args.dtype)
-        apply_update(optimizer, lr, step, loss, grad_norm)
-        step += 1
-        batch_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        tokens_seen += batch_tokens
-        tok_log += batch_tokens
-        bar.update(1)
-        if step % args.log_every == 0 or step == total:
-            dt = time.perf_counter() - t_log
-            row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_seen": tokens_seen, "tok_per_s": tok_log / dt}
-            log.log(row)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
-            t_log, tok_log = time.perf_counter(), 0
-        if step % save_every == 0 or step == total:
-            model.eval()
-            val = validate(model, tok, args, val_examples, val_items, device)
-            model.train()
-            log.log({"step": step, "eval": True, **val})
-            meta = {"step": step, "epoch": step / steps_per_epoch, "tokens_seen": tokens_seen, "train_loss": loss,
-                    **val, "role": args.role, "task": args.task, "config": config}
-            tensors, optim_json = optimizer_tensors(optimizer)
-            state = {"tensors": {**tensors, **rng_state()}, "json": {**optim_json, "step": step,
-                                                                     "tokens_seen": tokens_seen}}
-            save_checkpoint(out, step, model, tok, meta, train_state=state)
-            write_checkpoint_index(out, final=step if step == total else None)
-            tqdm.write(f"step {step}: val_loss {val['val_loss']:.4f}"
-                       + (f", val {args.task} {val['val_metric']:.4f}" if "val_metric" in val else "")
-                       + f" -> {out / checkpoint_name(step)}")
-    bar.close()
+    try:
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            micro = [data.collate([train_items[i] for i in mb], tok.pad_id)
+                     for mb in build_batches(train_items, args.batch_size, args.grad_accum, args.seed, epoch)[k]]
+            lr = lr_at(step, total, warmup, args.lr)
+            loss, grad_norm, n_ans = train_step(model, micro, device, args.dtype)
+            apply_update(optimizer, lr, step, loss, grad_norm)
+            step += 1
+            batch_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens_seen += batch_tokens
+            tok_log += batch_tokens
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                dt = time.perf_counter() - t_log
+                row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_seen": tokens_seen, "tok_per_s": tok_log / dt}
+                log.log(row)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
+                t_log, tok_log = time.perf_counter(), 0
+            if step % save_every == 0 or step == total:
+                model.eval()
+                val = validate(model, tok, args, val_examples, val_items, device)
+                model.train()
+                log.log({"step": step, "eval": True, **val})
+                meta = {"step": step, "epoch": step / steps_per_epoch, "tokens_seen": tokens_seen, "train_loss": loss,
+                        **val, "role": args.role, "task": args.task, "config": config}
+                tensors, optim_json = optimizer_tensors(optimizer)
+                state = {"tensors": {**tensors, **rng_state()}, "json": {**optim_json, "step": step,
+                                                                         "tokens_seen": tokens_seen}}
+                save_checkpoint(out, step, model, tok, meta, train_state=state)
+                write_checkpoint_index(out, final=step if step == total else None)
+                tqdm.write(f"step {step}: val_loss {val['val_loss']:.4f}"
+                           + (f", val {args.task} {val['val_metric']:.4f}" if "val_metric" in val else "")
+                           + f" -> {out / checkpoint_name(step)}")
+    finally:  # closed on any exit, so an error message starts on a line of its own
+        bar.close()
     index = write_checkpoint_index(out, final=total)
     print(f"done: {len(index['steps'])} checkpoints in {out}; best (val loss) step {index['best']}, "
           f"final step {index['final']}")
