@@ -218,7 +218,7 @@ def test_rendering_matches_transformers_template(fmt, chatml_dir, llama3_dir):
     assert t.chat_format == fmt
     ex = Example("x", "Sentence: The adenomatous polyposis coli tumour .\n\nList the disease mentions.",
                  "adenomatous polyposis coli tumour", system="You answer briefly.")
-    prompt, (ids, labels, _) = data.encode_prompt(t, ex), data.encode_example(t, ex)
+    prompt, (ids, _, _) = data.encode_prompt(t, ex), data.encode_example(t, ex)
     assert prompt == hf_chat_ids(model_dir, ex, with_answer=False)
     full = hf_chat_ids(model_dir, ex, with_answer=True)
     assert ids == full[:len(ids)]  # ChatML's template adds a "\n" after the last <|im_end|>; we stop at the end token

@@ -33,7 +33,7 @@ def run_prepare(*argv, check=True):
 
 
 def reported_params(stdout: str, role: str) -> int:
-    line = next(l for l in stdout.splitlines() if l.startswith(f"{role}: ") and "parameters" in l)
+    line = next(s for s in stdout.splitlines() if s.startswith(f"{role}: ") and "parameters" in s)
     return int(line.split()[2].replace(",", ""))
 
 
