@@ -1,0 +1,473 @@
+"""The staged distillation loop of SCD with AW, its baselines, and the divergences (arXiv 2601.10114, Sec. 3.2-3.3).
+
+    python distill.py                                    # SCD + AW: runs/teacher checkpoints -> models/student
+    python distill.py --schedule td --no-aw --alpha 1    # plain KD from the best teacher checkpoint
+    python distill.py --schedule cd --loss jsd --beta 0.1
+
+The run has --stages stages. At each stage start the scheduler (schedule.py) picks a teacher checkpoint, which is
+loaded in place of the previous one, and the optimiser and lr schedule start afresh. Each sample's loss is
+w·KD + (1 − w)·CE_gold over its answer tokens, with w from AW (weights.py) or a fixed --alpha, summed and divided by
+the answer-token count of the whole optimiser step. Output in runs/distill/<variant>/: stage_XX/ and final/ (HF
+layout), schedule.jsonl (one line per teacher choice), metrics.jsonl, config.json, resume/ (for --resume) and the
+final evaluation in final/eval_<task>_<split>.json.
+
+Divergences take answer-position logits (N, V) of the student and the teacher and return one value per token (N,),
+so the caller can weight each sample. They work in fp32 log-space: probabilities only ever multiply a difference of
+log_softmax outputs, and a zero probability contributes 0, so there is no 0 * log 0, even for -inf logits. `chunked`
+runs them a slice of tokens at a time under activation checkpointing, so their (N, V) temporaries exist for one
+slice only, and `token_losses` applies the student's LM head inside the slice, so the student's (N, V) logits never
+exist whole.
+"""
+
+import argparse
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+import evaluate
+import schedule
+import sft
+import weights
+from model import UserError, load_model, run_cli
+
+# lr and epochs as the student's SFT: the same data budget for every row of the comparison
+DEFAULTS = {k: sft.ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
+CHUNK_ELEMENTS = 1 << 24  # fp32 elements per (n, V) slice, 64 MiB: 341 tokens at vocab 49152, 130 at 128256
+
+# -----------------------------------------------------------------------------
+# divergences: logits (N, V) -> (N,), p = softmax(teacher / T), q = softmax(student / T)
+
+
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logits = logits.float()
+    return F.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)  # skip a (N, V) pass at T=1
+
+
+def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per row, from log-probabilities (N, V) -> (N,)."""
+    p = logp.exp()
+    # where p = 0 the term is 0, even when log p = -inf (a -inf logit); masking the difference rather than the
+    # product keeps 0 * inf out of the backward pass too
+    return (p * torch.where(p > 0, logp - logq, 0.0)).sum(-1)
+
+
+def log_mix(logp: torch.Tensor, logq: torch.Tensor, a: float) -> torch.Tensor:
+    """log(a·p + (1 − a)·q) by logsumexp, exact at a = 0 and a = 1 (where a log-weight would be -inf)."""
+    if a <= 0:
+        return logq
+    if a >= 1:
+        return logp
+    return torch.logaddexp(logp + math.log(a), logq + math.log1p(-a))
+
+
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL(p ‖ q) = Σ_v p_v (log p_v − log q_v): mode-covering, the classic KD loss (no T² factor)."""
+    return kl_rows(log_probs(teacher, temperature), log_probs(student, temperature))
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Reverse KL(q ‖ p) = Σ_v q_v (log q_v − log p_v): mode-seeking (MiniLLM)."""
+    return kl_rows(log_probs(student, temperature), log_probs(teacher, temperature))
+
+
+def jsd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence (GKD, Agarwal et al. 2024), with m = β·p + (1 − β)·q:
+
+        JSD(β) = β·KL(p ‖ m) + (1 − β)·KL(q ‖ m),   log m = logsumexp(log β + log p, log(1 − β) + log q).
+
+    JSD(β) itself vanishes at both ends; what it approaches there, after dividing by its weight, is used instead:
+    β = 0 gives forward KL(p ‖ q) = lim JSD(β)/β, β = 1 gives reverse KL(q ‖ p) = lim JSD(β)/(1 − β).
+    """
+    logp, logq = log_probs(teacher, temperature), log_probs(student, temperature)
+    if beta <= 0:
+        return kl_rows(logp, logq)
+    if beta >= 1:
+        return kl_rows(logq, logp)
+    logm = log_mix(logp, logq, beta)
+    return beta * kl_rows(logp, logm) + (1 - beta) * kl_rows(logq, logm)
+
+
+def skew_forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                    lam: float = 0.1) -> torch.Tensor:
+    """Skew forward KL (DistiLLM, Ko et al. 2024): KL(p ‖ λ·p + (1 − λ)·q); λ = 0 is forward KL."""
+    logp, logq = log_probs(teacher, temperature), log_probs(student, temperature)
+    return kl_rows(logp, log_mix(logp, logq, lam))
+
+
+def skew_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                    lam: float = 0.1) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM): KL(q ‖ λ·q + (1 − λ)·p); λ = 0 is reverse KL."""
+    logp, logq = log_probs(teacher, temperature), log_probs(student, temperature)
+    return kl_rows(logq, log_mix(logq, logp, lam))
+
+
+def tvd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Total variation distance ½·Σ_v |p_v − q_v|, in [0, 1]."""
+    return 0.5 * (log_probs(teacher, temperature).exp() - log_probs(student, temperature).exp()).abs().sum(-1)
+
+
+DIVERGENCES = {"fkl": forward_kl, "rkl": reverse_kl, "jsd": jsd, "skew_fkl": skew_forward_kl,
+               "skew_rkl": skew_reverse_kl, "tvd": tvd}
+
+
+def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy −log softmax(logits)[label] per token (N,); label -100 gives 0."""
+    return F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=-100)
+
+# -----------------------------------------------------------------------------
+# chunking over tokens
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def chunked(fn, *xs: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """Apply fn (row slices of xs -> tuple of (n,) tensors) `rows` rows at a time and concatenate the results.
+
+    With autograd on, each slice runs under torch.utils.checkpoint: forward keeps only fn's inputs and outputs, and
+    backward recomputes one slice's (n, V) temporaries at a time. So they exist for one slice, not for all N rows,
+    at the price of running fn twice. Up to `rows` tokens (the usual training batch: answers are short) run as one
+    piece with no recomputation; an empty batch too, so it stays in the graph and sums to 0, not NaN.
+    """
+    n = xs[0].shape[0]
+    if n <= rows:
+        return fn(*xs)
+    grad = torch.is_grad_enabled()
+    parts = []
+    for i in range(0, n, rows):
+        piece = [x[i:i + rows] for x in xs]
+        parts.append(checkpoint(fn, *piece, use_reentrant=False) if grad else fn(*piece))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def token_losses(h: torch.Tensor, head, teacher_logits: torch.Tensor, labels: torch.Tensor, loss: str = "fkl",
+                 temperature: float = 1.0, rows: int | None = None, **params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer token: the divergence of the student from the teacher, and the student's gold CE; (N,) each.
+
+    h (N, D) are the student's hidden states at answer positions and head(h) its fp32 logits (pass
+    head=lambda x: x to give logits directly); teacher_logits (N, V) carry no gradient. head runs inside each slice,
+    so the student's (N, V) logits are never built whole. The CE is at temperature 1, the divergence at
+    `temperature`; `params` go to the divergence (beta for jsd, lam for the skew KLs).
+    """
+    divergence = DIVERGENCES[loss]
+
+    def slice_losses(h, t, y):
+        s = head(h)  # (n, V) fp32
+        return divergence(s, t, temperature, **params), per_token_ce(s, y)
+
+    return chunked(slice_losses, h, teacher_logits.detach(), labels,
+                   rows=rows or chunk_rows(teacher_logits.shape[-1]))
+
+
+def objective_sum(kd: torch.Tensor, ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j·KD_j + (1 − w_j)·CE_j over answer tokens j, w_j being the weight of token j's sample (AW) or α.
+    The caller divides by the answer-token count of the whole accumulated batch."""
+    return (w * kd + (1 - w) * ce).sum()
+
+# -----------------------------------------------------------------------------
+# one optimiser step
+
+
+def student_losses_for(items: list[dict], paths, expect: dict) -> torch.Tensor | None:
+    """L_stuSFT of each item from the first loss table in `paths` that was made for this task, max length and SFT
+    student and holds every item's id; None if none does."""
+    for path in paths:
+        if not Path(path).is_file():
+            continue
+        ids, columns, meta = weights.load_losses(path)
+        row = {i: k for k, i in enumerate(ids)}
+        same = all(str(meta.get(k)) == str(v) for k, v in expect.items())
+        if same and weights.STUDENT in columns and all(it["id"] in row for it in items):
+            return columns[weights.STUDENT][[row[it["id"]] for it in items]]
+    return None
+
+
+def student_sft_lookup(args, items: list[dict], pad_id: int, student_sft: Path, out: Path, device):
+    """ids -> L_stuSFT (B,): from weights.py's table when it matches this run, else scored here once (and kept in
+    out/aw_losses.safetensors for a resume)."""
+    expect = {"task": args.task, "max_len": args.max_len, "student_sft": student_sft.resolve()}
+    own = out / "aw_losses.safetensors"
+    losses = student_losses_for(items, [args.aw_table, own], expect)
+    if losses is None:
+        print(f"--aw-table {args.aw_table} does not cover this run: scoring the SFT student {student_sft}")
+        model = load_model(student_sft, device=device)
+        losses = weights.sample_losses(model, items, pad_id, args.eval_batch_size, device, args.dtype, "L_stuSFT")
+        del model
+        weights.save_losses(own, [it["id"] for it in items], {weights.STUDENT: losses},
+                            {k: str(v) for k, v in expect.items()})
+    by_id = dict(zip((it["id"] for it in items), losses.tolist()))
+    return lambda ids: torch.tensor([by_id[i] for i in ids])
+
+
+def distill_step(student, teacher, micro_batches, loss_student_sft, args, device) -> dict:
+    """Gradients of one optimiser step: Σ_j w·KD_j + (1 − w)·CE_j over the micro-batches' answer tokens, divided
+    by their global count. Per sample, w = aw_weight(L_stuSFT, L_ckpt) with L_ckpt the token-mean CE of the very
+    teacher logits the KD term uses (AW), or w = --alpha. Returns token means of loss, KD and CE, and the mean w.
+
+    loss_student_sft maps example ids to L_stuSFT ((B,) tensor), or is None without AW.
+    """
+    n_tokens = sum(sft.n_answer_tokens(b) for b in micro_batches)  # global count: accumulation-invariant
+    params = {"jsd": {"beta": args.beta}, "skew_fkl": {"lam": args.lam}, "skew_rkl": {"lam": args.lam}}
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "w": 0.0}
+    n_samples = 0
+    for batch in micro_batches:
+        batch = sft.to_device(batch, device)
+        B = batch["input_ids"].shape[0]
+        with torch.no_grad(), sft.autocast(device, args.dtype):
+            teacher_logits, labels, rows = sft.answer_logits(teacher, batch)  # (N, V), (N,), (N,)
+        if loss_student_sft is None:
+            w = torch.full((B,), args.alpha, device=device)
+        else:
+            with torch.no_grad():
+                ce_teacher, = chunked(lambda t, y: (per_token_ce(t, y),), teacher_logits, labels,
+                                      rows=chunk_rows(teacher_logits.shape[-1]))
+            w = weights.aw_weight(loss_student_sft(batch["ids"]).to(device),
+                                  weights.sample_mean(ce_teacher, rows, B))  # (B,)
+        with sft.autocast(device, args.dtype):
+            h, labels, rows = sft.answer_hidden(student, batch)  # (N, D)
+            kd, ce = token_losses(h, student.lm_logits, teacher_logits, labels, args.loss, args.temperature,
+                                  **params.get(args.loss, {}))
+            loss = objective_sum(kd, ce, w[rows]) / max(n_tokens, 1)
+        loss.backward()
+        sums["loss"] += float(loss.detach())
+        sums["kd"] += float(kd.detach().sum()) / max(n_tokens, 1)
+        sums["ce"] += float(ce.detach().sum()) / max(n_tokens, 1)
+        sums["w"] += float(w.sum())
+        n_samples += B
+    sums["w"] /= max(n_samples, 1)
+    sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+    return sums
+
+# -----------------------------------------------------------------------------
+# run directory: stage exports and resume state
+
+
+def export_model(out: Path, name: str, step: int, model, tok, meta: dict) -> Path:
+    """out/<name>/ in HF layout: written by sft.save_checkpoint beside it, then renamed into place whole."""
+    staged = sft.save_checkpoint(out / ".staging", step, model, tok, meta)
+    dest = out / name
+    if dest.exists():  # a complete copy from before an interruption
+        shutil.rmtree(dest)
+    os.replace(staged, dest)
+    shutil.rmtree(out / ".staging", ignore_errors=True)
+    return dest
+
+
+def save_resume_state(out: Path, step: int, model, tok, meta: dict, progress: dict, optimizer=None):
+    """out/resume/step_XXXXXX/ with the student, optimizer (mid-stage only), RNG and loop position; the older
+    states go once the new one is complete, so a kill at any moment leaves one to resume from."""
+    tensors, info = sft.rng_state(), dict(progress)
+    if optimizer is not None:
+        opt_tensors, opt_json = sft.optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+        info.update(opt_json)
+    sft.save_checkpoint(out / "resume", step, model, tok, meta, {"tensors": tensors, "json": info})
+    for s, path in sft.list_checkpoints(out / "resume"):
+        if s < step:
+            shutil.rmtree(path)
+
+
+def check_inputs(args, checkpoints: dict) -> Path | None:
+    """Refuse, before any heavy work, teacher checkpoints and students that do not share one vocabulary."""
+    named = {f"--teacher {args.teacher}/{sft.checkpoint_name(s)}": p for s, p in checkpoints.items()}
+    named[f"--init {args.init}"] = Path(args.init)
+    student_sft = None
+    if args.aw:
+        student_sft = weights.student_sft_checkpoint(args.student_sft)
+        named[f"--student-sft {student_sft}"] = student_sft
+    schedule.check_same_vocab(named)
+    return student_sft
+
+# -----------------------------------------------------------------------------
+
+
+def variant_name(args) -> str:
+    return args.schedule + ("_aw" if args.aw else "") + ("" if args.loss == "fkl" else f"_{args.loss}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--schedule", choices=schedule.SCHEDULES, default="scd",
+                   help="teacher checkpoint per stage: scd (argmin Metric 1 + Metric 2), cd (fixed order), "
+                        "td (one teacher: --td-ckpt)")
+    p.add_argument("--aw", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample-wise adaptive weighting w = σ(log L_stuSFT − log L_ckpt); --no-aw uses --alpha")
+    p.add_argument("--alpha", type=float, default=0.5, help="KD weight without AW: α·KD + (1 − α)·CE")
+    p.add_argument("--loss", choices=sorted(DIVERGENCES), default="fkl", help="the KD divergence")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the divergence")
+    p.add_argument("--beta", type=float, default=0.5, help="β of --loss jsd (0: forward KL, 1: reverse KL)")
+    p.add_argument("--lam", type=float, default=0.1, help="λ of --loss skew_fkl / skew_rkl")
+    p.add_argument("--stages", type=int, default=5, help="distillation stages; the teacher is re-chosen at each")
+    p.add_argument("--stage-steps", type=int, default=0,
+                   help="optimiser steps per stage; 0 = --epochs over the data, split evenly over the stages")
+    p.add_argument("--probe-size", type=int, default=32, help="training examples in SCD's probe set")
+    p.add_argument("--probe-cache", default="runs/probe_cache",
+                   help="dir of the teacher checkpoints' probe log-probs, shared by runs (keyed by content)")
+    p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
+    p.add_argument("--td-ckpt", choices=["best", "final"], default="best", help="the teacher checkpoint TD uses")
+    p.add_argument("--student-sft", default="runs/student", help="student SFT run dir: its final checkpoint is "
+                                                                 "the frozen L_stuSFT of AW")
+    p.add_argument("--init", default="models/student", help="model dir the distilled student starts from")
+    p.add_argument("--aw-table", default="runs/aw/losses.safetensors",
+                   help="L_stuSFT table from weights.py; computed here if it does not match this run")
+    p.add_argument("--variant", default=None, help="run name (default from --schedule, --aw, --loss); "
+                                                   "--out defaults to runs/distill/<variant>")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="optimiser steps between resume states inside a stage (0 = at stage ends only)")
+    p.add_argument("--eval-split", choices=["test", "val", "none"], default="test", help="final evaluation split")
+    p.add_argument("--eval-size", type=int, default=0, help="evaluate on the first N examples (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="generation cap of the final evaluation (0 = the task's own)")
+    sft.add_common_args(p)
+    args = p.parse_args(argv)
+    sft.resolve_args(args, DEFAULTS)
+    args.variant = args.variant or variant_name(args)
+    args.out = args.out or f"runs/distill/{args.variant}"
+    for flag, ok in (("stages", args.stages >= 1), ("stage-steps", args.stage_steps >= 0),
+                     ("probe-size", args.probe_size >= 1), ("alpha", 0 <= args.alpha <= 1),
+                     ("temperature", args.temperature > 0), ("beta", 0 <= args.beta <= 1),
+                     ("lam", 0 <= args.lam <= 1), ("eval-size", args.eval_size >= 0),
+                     ("max-new-tokens", args.max_new_tokens >= 0)):
+        if not ok:
+            raise UserError(f"--{flag} {getattr(args, flag.replace('-', '_'))}: out of range (see --help)")
+    distill(args)
+
+
+def distill(args) -> Path:
+    """The staged loop, top to bottom. Returns out/final."""
+    device = sft.resolve_device(args.device)
+    index = sft.read_checkpoint_index(args.teacher)  # refuses a run dir without complete checkpoints
+    checkpoints = dict(sft.list_checkpoints(args.teacher))
+    student_sft = check_inputs(args, checkpoints)
+    config = {**vars(args), "device": str(device)}
+    out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite)
+    sft.seed_everything(args.seed)
+
+    tok = data.load_tokenizer(args.init)
+    _, train_items = sft.load_split(tok, args, "train", args.train_size)
+    _, val_items = sft.load_split(tok, args, "val", args.val_size)
+    if not train_items:
+        raise UserError(f"task {args.task}: the training split is empty")
+    steps_per_epoch = len(sft.build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
+    total = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    stage_steps = args.stage_steps or math.ceil(total / args.stages)
+    warmup = int(args.warmup * stage_steps)
+    n_steps = args.stages * stage_steps
+
+    loss_student_sft = None
+    if args.aw:
+        loss_student_sft = student_sft_lookup(args, train_items, tok.pad_id, student_sft, out, device)
+    cache = None
+    probe = schedule.probe_items(train_items, args.probe_size, args.seed)
+    if args.schedule == "scd":
+        cache = schedule.ProbeCache(args.probe_cache, probe, list(checkpoints.items()))
+        cache.build(tok.pad_id, args.eval_batch_size, device, args.dtype)
+    scheduler = schedule.Scheduler(args.schedule, index, args.stages, cache, final=args.td_ckpt == "final")
+
+    stage, k, chosen, tokens_seen, state = 0, 0, None, 0, None
+    teacher, teacher_step = None, None
+    log, sched_log = sft.MetricsLog(out / "metrics.jsonl"), sft.MetricsLog(out / "schedule.jsonl")
+    if args.resume:
+        found = sft.latest_resumable(out / "resume")
+        if found is None:
+            raise UserError(f"--resume: {out} has no complete resume state yet; start over with --overwrite")
+        path = found[1]
+        student = load_model(path, device=device)
+        state, progress = sft.read_train_state(path)
+        sft.restore_rng(state)
+        stage, k, chosen, tokens_seen = (progress[x] for x in ("stage", "k", "chosen", "tokens_seen"))
+        state = (state, progress) if k > 0 else None
+        g = stage * stage_steps + k
+        log.truncate_after(g)
+        sched_log.truncate_after(g if chosen is not None else g - 1)
+        print(f"resuming from {path}: stage {stage}, step {g} of {n_steps}")
+    else:
+        student = load_model(args.init, device=device)
+
+    print(f"distill {args.variant}: {args.schedule.upper()}{' + AW' if args.aw else f', alpha {args.alpha}'}, "
+          f"{args.loss} at T={args.temperature}; {len(index['steps'])} teacher checkpoints (best {index['best']}), "
+          f"{args.stages} stages x {stage_steps} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x"
+          f"{args.grad_accum}), {len(train_items)} train examples, {student.num_params() / 1e6:.1f}M-param student "
+          f"on {device} -> {out}")
+    bar = tqdm(total=n_steps, initial=stage * stage_steps + k, desc=f"distill {args.variant}", dynamic_ncols=True)
+    while stage < args.stages:
+        g = stage * stage_steps + k
+        if chosen is None:
+            chosen, record = scheduler.select(stage, g, lambda: schedule.probe_logprobs(
+                student, probe, tok.pad_id, args.eval_batch_size, device, args.dtype))
+            sched_log.log(record)
+            tqdm.write(f"stage {stage}: teacher checkpoint {chosen}")
+        if chosen != teacher_step:  # only one teacher checkpoint in memory at a time: drop the old one first
+            teacher = None
+            teacher = load_model(checkpoints[chosen], device=device).requires_grad_(False).eval()
+            teacher_step = chosen
+        optimizer = sft.make_optimizer(student, args.lr, args.weight_decay)  # fresh at every stage
+        if state is not None:
+            sft.load_optimizer_tensors(optimizer, *state)
+            state = None
+        student.train()
+        t_log, tok_log = time.perf_counter(), 0
+        while k < stage_steps:
+            epoch, j = divmod(g, steps_per_epoch)
+            micro = [data.collate([train_items[i] for i in mb], tok.pad_id)
+                     for mb in sft.build_batches(train_items, args.batch_size, args.grad_accum, args.seed, epoch)[j]]
+            lr = sft.lr_at(k, stage_steps, warmup, args.lr)
+            stats = distill_step(student, teacher, micro, loss_student_sft, args, device)
+            sft.apply_update(optimizer, lr, g, stats["loss"], stats["grad_norm"])
+            k, g = k + 1, g + 1
+            batch_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens_seen, tok_log = tokens_seen + batch_tokens, tok_log + batch_tokens
+            bar.update(1)
+            if g % args.log_every == 0 or k == stage_steps:
+                row = {"step": g, "stage": stage, "ckpt": chosen, **stats, "lr": lr, "tokens_seen": tokens_seen,
+                       "tok_per_s": tok_log / (time.perf_counter() - t_log)}
+                log.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", w=f"{row['w']:.2f}", ckpt=chosen, lr=f"{lr:.1e}",
+                                tok_s=f"{row['tok_per_s']:.0f}")
+                t_log, tok_log = time.perf_counter(), 0
+            if args.save_every and k % args.save_every == 0 and k < stage_steps:
+                save_resume_state(out, g, student, tok, {"step": g, "stage": stage, "ckpt": chosen},
+                                  {"stage": stage, "k": k, "chosen": chosen, "tokens_seen": tokens_seen}, optimizer)
+        del optimizer
+        val_loss = sft.eval_loss(student, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype) \
+            if val_items else None
+        log.log({"step": g, "stage": stage, "eval": True, "val_loss": val_loss})
+        meta = {"step": g, "stage": stage, "ckpt": chosen, "val_loss": val_loss, "variant": args.variant,
+                "config": config}
+        export_model(out, f"stage_{stage:02d}", g, student, tok, meta)
+        stage, k, chosen = stage + 1, 0, None
+        save_resume_state(out, g, student, tok, meta, {"stage": stage, "k": 0, "chosen": None,
+                                                      "tokens_seen": tokens_seen})
+        tqdm.write(f"stage {stage - 1} done: val_loss {val_loss if val_loss is None else round(val_loss, 4)}"
+                   f" -> {out / f'stage_{stage - 1:02d}'}")
+    bar.close()
+
+    final = export_model(out, "final", n_steps, student, tok, {"step": n_steps, "variant": args.variant,
+                                                               "config": config})
+    files = (args.data or "").split(",") + [None] * 3
+    data_file = files[{"val": 1, "test": 2}.get(args.eval_split, 0)] if args.task == "jsonl" else None
+    if args.eval_split != "none" and (args.task != "jsonl" or data_file):
+        metrics = evaluate.evaluate_dir(final, args.task, args.eval_split, args.data_dir, data_file,
+                                        args.eval_size, args.eval_batch_size, args.max_new_tokens or None, device,
+                                        args.dtype, progress=False)
+        log.log({"step": n_steps, "final_eval": True, **metrics})
+        print(f"final {args.task} {args.eval_split}: {metrics['main']:.4f} (n={metrics['n']}) -> "
+              f"{final / f'eval_{args.task}_{args.eval_split}.json'}")
+    print(f"done: {out}/stage_00..stage_{args.stages - 1:02d}, {final}; schedule in {out / 'schedule.jsonl'}")
+    return final
+
+
+if __name__ == "__main__":
+    run_cli(main)

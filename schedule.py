@@ -1,0 +1,249 @@
+"""Which teacher checkpoint the student learns from, and when: SCD, and the CD and TD baselines (arXiv 2601.10114,
+Sec. 3.2).
+
+    python schedule.py --student models/student     # the SCD table for a student: why each checkpoint would win
+
+SCD picks, at the start of every distillation stage, the teacher checkpoint c that minimises
+
+    Metric 1 (c) + Metric 2 (c) = KL(p_best ‖ p_c) + KL(p_student ‖ p_c),
+
+both token-means over the answer tokens of a fixed probe set drawn from the training split: a checkpoint close to
+the best teacher (Metric 1) that the current student can still follow (Metric 2), so the student walks the teacher's
+own convergence path. CD walks the checkpoints in training order, evenly over the stages; TD always uses the best
+(or the final) teacher.
+
+The probe cache holds the answer-token log-probabilities (N, V) of every candidate checkpoint on the probe set, one
+safetensors file each under a dir named by a hash of the probe tokens and the checkpoint files. Each checkpoint's
+forward runs once, ever; Metric 1 is then computed once per run, and each re-selection needs only the student's
+forward on the probe set.
+"""
+
+import argparse
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import sft
+from model import UserError, checkpoint_files, load_model, read_json, run_cli
+from weights import save_tensors
+
+SCHEDULES = ("scd", "cd", "td")
+PROBE_ROWS = 256  # tokens per slice of the metric KLs: bounds the (n, V) temporaries
+
+# -----------------------------------------------------------------------------
+# the two metrics (log-probabilities (N, V) of the probe's answer tokens)
+
+
+def token_mean_kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
+    """(1/N) Σ_j Σ_v p_jv (log p_jv − log q_jv); 0 for an empty probe."""
+    total = 0.0
+    for i in range(0, logp.shape[0], PROBE_ROWS):
+        lp, lq = logp[i:i + PROBE_ROWS].float(), logq[i:i + PROBE_ROWS].float()
+        total += float((lp.exp() * (lp - lq)).sum())
+    return total / max(logp.shape[0], 1)
+
+
+def metric1(best_logp: torch.Tensor, ckpt_logp: torch.Tensor) -> float:
+    """Metric 1 = KL(p_best ‖ p_c), token-mean over the probe's answer tokens: how far checkpoint c is from the best
+    teacher. It does not involve the student, so it is fixed for a run."""
+    return token_mean_kl(best_logp, ckpt_logp)
+
+
+def metric2(student_logp: torch.Tensor, ckpt_logp: torch.Tensor) -> float:
+    """Metric 2 = KL(p_student ‖ p_c), token-mean over the probe's answer tokens: how far checkpoint c is from the
+    student as it is now. Recomputed at every stage."""
+    return token_mean_kl(student_logp, ckpt_logp)
+
+# -----------------------------------------------------------------------------
+# the schedulers
+
+
+def scd_choice(m1: dict[int, float], m2: dict[int, float]) -> int:
+    """SCD: argmin_c Metric 1 (c) + Metric 2 (c); a tie goes to the earlier checkpoint."""
+    return min(m1, key=lambda s: (m1[s] + m2[s], s))
+
+
+def cd_choice(steps: list[int], stage: int, n_stages: int) -> int:
+    """CD: the checkpoints in training order, spread evenly over the stages. Stage s uses the last checkpoint of
+    the s-th of n_stages equal shares of the sequence, so the last stage always ends on the final checkpoint."""
+    k = len(steps)
+    return steps[-(-(stage + 1) * k // n_stages) - 1]
+
+
+def td_choice(index: dict, final: bool = False) -> int:
+    """TD: always the best checkpoint (lowest val loss), or the final one."""
+    if final:
+        return index["final"] if index["final"] is not None else index["steps"][-1]
+    return index["best"]
+
+
+class Scheduler:
+    """Chooses the teacher checkpoint at each stage start and describes the choice as one schedule.jsonl row."""
+
+    def __init__(self, kind: str, index: dict, n_stages: int, cache=None, final: bool = False):
+        if kind == "scd" and cache is None:
+            raise ValueError("SCD needs a probe cache")
+        self.kind, self.index, self.n_stages, self.cache, self.final = kind, index, n_stages, cache, final
+        self.m1 = None  # Metric 1 per checkpoint, filled on the first SCD selection
+
+    def select(self, stage: int, step: int, student_logp=None) -> tuple[int, dict]:
+        """(chosen step, record). student_logp() gives the student's probe log-probs; only SCD calls it."""
+        steps = self.index["steps"]
+        m1, m2 = {}, {}
+        if self.kind == "td":
+            chosen = td_choice(self.index, self.final)
+        elif self.kind == "cd":
+            chosen = cd_choice(steps, stage, self.n_stages)
+        else:
+            if self.m1 is None:
+                best = self.cache.load(self.index["best"])
+                self.m1 = {s: metric1(best, self.cache.load(s)) for s in steps}
+            logp = student_logp()
+            m1, m2 = self.m1, {s: metric2(logp, self.cache.load(s)) for s in steps}
+            chosen = scd_choice(m1, m2)
+        candidates = [{"ckpt": s, "metric1": m1.get(s), "metric2": m2.get(s),
+                       "sum": m1[s] + m2[s] if m1 else None} for s in steps]
+        return chosen, {"stage": stage, "step": step, "schedule": self.kind, "chosen": chosen,
+                        "candidates": candidates}
+
+
+def format_table(record: dict, best: int) -> str:
+    """The candidates of one selection: checkpoint, Metric 1, Metric 2, their sum, and which was chosen."""
+    head = f"{'checkpoint':>12} {'metric1':>10} {'metric2':>10} {'sum':>10}  chosen"
+    lines = [head, "-" * len(head)]
+    for c in record["candidates"]:
+        vals = " ".join(f"{c[k]:>10.4f}" if c[k] is not None else f"{'-':>10}" for k in ("metric1", "metric2", "sum"))
+        mark = "  <--" if c["ckpt"] == record["chosen"] else ""
+        lines.append(f"{c['ckpt']:>12} {vals}{mark}" + ("  (best)" if c["ckpt"] == best else ""))
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# the probe set and its cache
+
+
+def probe_items(items: list[dict], size: int, seed: int) -> list[dict]:
+    """A fixed random subset of the training items (in training order); the same (items, size, seed), the same set."""
+    keep = sorted(random.Random(f"probe-{seed}").sample(range(len(items)), min(size, len(items))))
+    return [items[i] for i in keep]
+
+
+@torch.no_grad()
+def probe_logprobs(model, items: list[dict], pad_id: int, batch_size: int, device, dtype: str = "fp32"):
+    """fp32 log-softmax (N, V) on the CPU at the answer positions of `items`, in order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(items), batch_size):
+        batch = sft.to_device(data.collate(items[i:i + batch_size], pad_id), device)
+        with sft.autocast(device, dtype):
+            logits, _, _ = sft.answer_logits(model, batch)  # (n, V)
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class ProbeCache:
+    """Log-probs (N, V) of each teacher checkpoint on the probe set: root/probe-<hash>/step_XXXXXX.safetensors.
+
+    The hash covers the probe's tokens and labels and each checkpoint's step, weight-file size and mtime, so a
+    changed probe, tokenisation or retrained teacher never reads stale values.
+    """
+
+    def __init__(self, root, items: list[dict], checkpoints: list[tuple[int, Path]]):
+        self.items, self.paths = items, dict(checkpoints)
+        files = {s: [f.stat() for f in checkpoint_files(Path(p))] for s, p in checkpoints}
+        fingerprint = {"probe": [[it["id"], it["input_ids"], it["labels"]] for it in items],
+                       "checkpoints": [[s, [[f.st_size, f.st_mtime_ns] for f in fs]] for s, fs in files.items()]}
+        key = hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:16]
+        self.dir = Path(root) / f"probe-{key}"
+
+    def file(self, step: int) -> Path:
+        return self.dir / f"{sft.checkpoint_name(step)}.safetensors"
+
+    def build(self, pad_id: int, batch_size: int, device, dtype: str = "fp32"):
+        """Run each checkpoint whose file is missing over the probe set, one model in memory at a time."""
+        todo = [s for s in self.paths if not self.file(s).exists()]
+        for step in tqdm(todo, desc="probe cache", disable=not todo, leave=False):
+            model = load_model(self.paths[step], device=device)
+            logp = probe_logprobs(model, self.items, pad_id, batch_size, device, dtype)
+            del model
+            save_tensors(self.file(step), {"logp": logp}, {"step": str(step), "n_probe": str(len(self.items))})
+        return self
+
+    def load(self, step: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+        return load_file(str(self.file(step)))["logp"]
+
+def check_same_vocab(models: dict[str, Path]):
+    """Refuse models whose vocab_size or tokenizer vocabulary differ from the first one's: the KD term and both
+    metrics compare distributions token id by token id. `models` maps a name for the message to a model dir."""
+    ref, tokenizers = None, {}
+    for name, path in models.items():
+        path = Path(path)
+        size = read_json(path / "config.json").get("vocab_size")
+        tok_file = path / "tokenizer.json"
+        key = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else str(path)
+        if key not in tokenizers:  # identical files are parsed once
+            tokenizers[key] = data.load_tokenizer(path).tk.get_vocab(with_added_tokens=True)
+        if ref is None:
+            ref = (name, size, tokenizers[key])
+        elif size != ref[1]:
+            raise UserError(f"{name}: vocab_size {size} differs from {ref[0]}: {ref[1]}; teacher and student "
+                            "must share one vocabulary")
+        elif tokenizers[key] != ref[2]:
+            raise UserError(f"{name}: its tokenizer's vocabulary differs from that of {ref[0]}; teacher and "
+                            "student must share one tokenizer")
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
+    p.add_argument("--student", default="models/student", help="student model dir (HF layout) to score against")
+    p.add_argument("--probe-size", type=int, default=32, help="training examples in the probe set")
+    p.add_argument("--probe-cache", default="runs/probe_cache", help="dir of the teacher probe log-prob cache")
+    p.add_argument("--task", default="ncbi_disease", help="built-in task or 'jsonl' with --data")
+    p.add_argument("--data", default=None, help="JSONL file(s) for --task jsonl, comma-separated train[,val[,test]]")
+    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (../shared/data)")
+    p.add_argument("--preset", choices=sorted(sft.PRESETS), default="cpu",
+                   help="fills --train-size and --max-len as sft.py and distill.py do, so the probe set matches")
+    p.add_argument("--train-size", type=int, default=None, help="first N training examples (0 = all)")
+    p.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--refuse-long", action="store_true", help="stop on an example longer than --max-len instead "
+                                                              "of truncating it")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe draw (distill.py uses its --seed)")
+    args = p.parse_args(argv)
+    for key in ("train_size", "max_len"):
+        if getattr(args, key) is None:
+            setattr(args, key, sft.PRESETS[args.preset][key])
+    if args.probe_size <= 0 or args.batch_size <= 0 or args.max_len <= 0:
+        raise UserError("--probe-size, --batch-size and --max-len must be positive")
+    device = sft.resolve_device(args.device)
+
+    index = sft.read_checkpoint_index(args.teacher)
+    checkpoints = sft.list_checkpoints(args.teacher)
+    check_same_vocab({f"--student {args.student}": args.student, f"--teacher {checkpoints[0][1]}": checkpoints[0][1]})
+    tok = data.load_tokenizer(args.student)
+    _, items = sft.load_split(tok, args, "train", args.train_size)
+    probe = probe_items(items, args.probe_size, args.seed)
+    cache = ProbeCache(args.probe_cache, probe, checkpoints)
+    cache.build(tok.pad_id, args.batch_size, device, args.dtype)
+    student = load_model(args.student, device=device)
+    _, record = Scheduler("scd", index, 1, cache).select(
+        0, 0, lambda: probe_logprobs(student, probe, tok.pad_id, args.batch_size, device, args.dtype))
+    print(f"probe: {len(probe)} examples, {cache.load(index['best']).shape[0]} answer tokens; cache {cache.dir}")
+    print(format_table(record, index["best"]))
+
+
+if __name__ == "__main__":
+    run_cli(main)

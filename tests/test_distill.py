@@ -1,0 +1,231 @@
+"""distill.py end to end on tiny random Llamas with the real tokenizer: teacher checkpoints -> SFT student ->
+weights.py -> every variant (TD, CD, SCD, AW-only, SCD+AW), the layout it writes, resume, and refused inputs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, make_tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import data
+import distill
+import schedule
+import sft
+import weights
+from model import UserError, load_model
+
+TEACHER_STEPS = (2, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir):
+    """A tiny teacher run with three checkpoints (best = 4, final = 6), a student SFT run, a base student."""
+    root = tmp_path_factory.mktemp("runs")
+    tok = data.load_tokenizer(tokenizer_dir)
+    for k, step in enumerate(TEACHER_STEPS):
+        model = load_model(make_tiny_model(root / f"t{k}", tokenizer_dir, dim=32, seed=10 + k))
+        sft.save_checkpoint(root / "teacher", step, model, tok, {"step": step, "val_loss": [3.0, 2.0, 2.5][k]})
+    sft.write_checkpoint_index(root / "teacher", final=TEACHER_STEPS[-1])
+    init = make_tiny_model(root / "init", tokenizer_dir, n_layers=1, dim=16, seed=1)
+    sft.save_checkpoint(root / "student", 3, load_model(make_tiny_model(root / "s", tokenizer_dir, n_layers=1,
+                                                                        dim=16, seed=2)), tok, {"step": 3})
+    sft.write_checkpoint_index(root / "student", final=3)
+    return root, init
+
+
+def argv(runs, out, *extra):
+    root, init = runs
+    return ["--teacher", str(root / "teacher"), "--student-sft", str(root / "student"), "--init", str(init),
+            "--out", str(out), "--probe-cache", str(root / "probe_cache"), "--aw-table", str(root / "no_table"),
+            "--train-size", "8", "--val-size", "2", "--batch-size", "4", "--max-len", "96", "--stages", "2",
+            "--stage-steps", "2", "--probe-size", "3", "--eval-size", "2", "--eval-batch-size", "4",
+            "--log-every", "1", "--device", "cpu", "--lr", "1e-3", "--dtype", "fp32", "--eval-split", "none",
+            *map(str, extra)]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+VARIANTS = {
+    "td": ("--schedule", "td", "--no-aw", "--alpha", "0.7"),
+    "cd": ("--schedule", "cd", "--no-aw"),
+    "scd": ("--schedule", "scd", "--no-aw"),
+    "td_aw": ("--schedule", "td", "--aw"),
+    # with the final evaluation, and bf16 autocast as the cpu preset has it
+    "scd_aw": ("--schedule", "scd", "--aw", "--loss", "jsd", "--temperature", "2", "--dtype", "bf16",
+               "--eval-split", "test", "--max-new-tokens", "8"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_runs_and_writes_the_layout(variant, runs, tmp_path):
+    out = tmp_path / variant
+    distill.main(argv(runs, out, *VARIANTS[variant]))
+    for name in ("stage_00", "stage_01", "final"):
+        assert (out / name / "model.safetensors").exists() and (out / name / "tokenizer.json").exists()
+    assert not (out / ".staging").exists() and [s for s, _ in sft.list_checkpoints(out / "resume")] == [4]
+    _, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    if variant == "scd_aw":
+        assert json.loads((out / "final" / "eval_ncbi_disease_test.json").read_text())["n"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["variant"] == variant + ("_jsd" if "jsd" in VARIANTS[variant] else "")
+    assert config["schedule"] == VARIANTS[variant][1]
+
+    chosen = [r["chosen"] for r in read_jsonl(out / "schedule.jsonl")]
+    rows = read_jsonl(out / "schedule.jsonl")
+    assert [r["stage"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [0, 2]
+    if variant.startswith("td"):
+        assert chosen == [4, 4]  # the best checkpoint (lowest val loss), both stages
+    elif variant == "cd":
+        assert chosen == [4, 6]  # 3 checkpoints over 2 stages: the last of each share, in order
+    else:
+        for r in rows:
+            sums = {c["ckpt"]: c["sum"] for c in r["candidates"]}
+            assert r["chosen"] == min(sums, key=sums.get)
+            m1 = {c["ckpt"]: c["metric1"] for c in r["candidates"]}
+            assert m1[4] == pytest.approx(0, abs=1e-6) and all(v > 0 for s, v in m1.items() if s != 4)
+        assert rows[0]["candidates"][0]["metric1"] == rows[1]["candidates"][0]["metric1"]
+
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["ckpt"] for r in steps] == [chosen[0]] * 2 + [chosen[1]] * 2
+    for r in steps:
+        assert all(k in r for k in ("ce", "kd", "w", "lr", "tok_per_s", "grad_norm")) and r["kd"] > 0
+        if "aw" in variant:
+            assert 0 < r["w"] < 1 and r["w"] != pytest.approx(0.5, abs=1e-4)
+        else:  # a fixed α: the loss is exactly α·KD + (1 − α)·CE
+            alpha = 0.7 if variant == "td" else 0.5
+            assert r["w"] == pytest.approx(alpha)
+            assert r["loss"] == pytest.approx(alpha * r["kd"] + (1 - alpha) * r["ce"], rel=1e-5)
+    # the lr schedule restarts at every stage
+    assert steps[0]["lr"] == steps[2]["lr"] and steps[1]["lr"] == steps[3]["lr"]
+
+
+def test_aw_uses_the_weights_table_and_its_losses(runs, tmp_path):
+    root, _ = runs
+    weights.main(["--teacher", str(root / "teacher"), "--student-sft", str(root / "student"), "--out",
+                  str(tmp_path / "aw"), "--train-size", "8", "--max-len", "96", "--batch-size", "4", "--device", "cpu"])
+    ids, cols, _ = weights.load_losses(tmp_path / "aw" / "losses.safetensors")
+    assert len(ids) == 8 and sorted(cols) == ["step_000002", "step_000004", "step_000006", "student_sft"]
+    analysis = json.loads((tmp_path / "aw" / "sfs_tfs.json").read_text())
+    assert sorted(analysis) == ["best (step 4)", "final (step 6)"]
+    r = analysis["best (step 4)"]
+    assert len(r["sfs_ids"]) + len(r["tfs_ids"]) == 8 and r["sfs_share"] + r["tfs_share"] == pytest.approx(1)
+
+    # the distill run reads L_stuSFT from the table: it writes no table of its own
+    out = tmp_path / "run"
+    a = argv(runs, out, "--schedule", "td")
+    a[a.index("--aw-table") + 1] = str(tmp_path / "aw" / "losses.safetensors")
+    distill.main(a)
+    assert not (out / "aw_losses.safetensors").exists()
+    # and the same values as the run that scored the student itself
+    items = [{"id": i} for i in ids]
+    own = tmp_path / "own"
+    distill.main(argv(runs, own, "--schedule", "td"))
+    torch.testing.assert_close(
+        distill.student_losses_for(items, [own / "aw_losses.safetensors"], {}), cols["student_sft"])
+
+
+def test_aw_weights_come_from_the_teacher_logits_of_the_kd_term(runs, tokenizer_dir):
+    """w per sample == aw_weight(L_stuSFT, token-mean CE of the chosen teacher), recomputed independently."""
+    root, init = runs
+    tok = data.load_tokenizer(tokenizer_dir)
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=3), 96)
+    teacher = load_model(root / "teacher" / "step_000004")
+    student = load_model(init)
+    l_stu = torch.tensor([2.0, 9.0, 40.0])
+    batch = data.collate(items, tok.pad_id)
+    args = SimpleNamespace(alpha=0.5, beta=0.5, lam=0.1, loss="fkl", temperature=1.0, dtype="fp32")
+    stats = distill.distill_step(student, teacher, [batch], lambda ids: l_stu, args, torch.device("cpu"))
+    l_ckpt = weights.sample_losses(teacher, items, tok.pad_id, 3, torch.device("cpu"))
+    assert stats["w"] == pytest.approx(float((l_stu / (l_stu + l_ckpt)).mean()), rel=1e-5)
+
+
+def kill_at(monkeypatch, target, name, when):
+    """Make target.name raise once `when(*args)` holds, like a kill -9 at that point."""
+    real = getattr(target, name)
+
+    def wrapped(*a, **kw):
+        if when(*a, **kw):
+            raise RuntimeError("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+RESUME_FLAGS = ("--schedule", "scd", "--aw", "--save-every", "1", "--stage-steps", "3")
+
+
+@pytest.fixture(scope="module")
+def straight_run(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    distill.main(argv(runs, out, *RESUME_FLAGS))
+    return out
+
+
+@pytest.mark.parametrize("where", ["mid_stage", "stage_switch"])
+def test_resume_is_bit_identical(where, runs, straight_run, tmp_path, monkeypatch):
+    extra = RESUME_FLAGS
+    with monkeypatch.context() as m:
+        if where == "mid_stage":  # during the update of global step 4 (stage 1, its 2nd step)
+            kill_at(m, sft, "apply_update", lambda opt, lr, step, *a: step == 4)
+        else:  # while SCD chooses the teacher of stage 1
+            kill_at(m, schedule.Scheduler, "select", lambda self, stage, *a: stage == 1)
+        with pytest.raises(RuntimeError, match="killed"):
+            distill.main(argv(runs, tmp_path / "killed", *extra))
+    distill.main(argv(runs, tmp_path / "killed", *extra, "--resume"))
+    a, b = load_file(straight_run / "final" / "model.safetensors"), \
+        load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("schedule.jsonl", "metrics.jsonl"):
+        drop = ("tok_per_s",)
+        rows = [[{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(d / f)]
+                for d in (straight_run, tmp_path / "killed")]
+        assert rows[0] == rows[1], f
+
+
+def test_refuses_mismatched_vocab_or_tokenizer(runs, tmp_path):
+    _, init = runs
+    bad = tmp_path / "bad_init"
+    shutil.copytree(init, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 64}))
+    a = argv(runs, tmp_path / "out")
+    a[a.index("--init") + 1] = str(bad)
+    with pytest.raises(UserError, match="vocab_size"):
+        distill.main(a)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    tk = json.loads((bad / "tokenizer.json").read_text())
+    vocab = tk["model"]["vocab"]
+    x, y = list(vocab)[100:102]
+    vocab[x], vocab[y] = vocab[y], vocab[x]
+    (bad / "tokenizer.json").write_text(json.dumps(tk))
+    with pytest.raises(UserError, match="tokenizer"):
+        distill.main(a)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_refuses_teacher_dir_without_checkpoints(runs, tmp_path):
+    empty = tmp_path / "teacher"
+    (empty / "step_000005").mkdir(parents=True)  # incomplete: no meta.json
+    a = argv(runs, tmp_path / "out")
+    a[a.index("--teacher") + 1] = str(empty)
+    r = subprocess.run([sys.executable, "distill.py", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: {empty}: no complete checkpoints (step_XXXXXX/ with meta.json); run sft.py for it first"]
+
+
+def test_refuses_nonsense_flags(runs, tmp_path):
+    for flag, value in (("--stages", "0"), ("--alpha", "1.5"), ("--temperature", "0"), ("--probe-size", "0")):
+        a = argv(runs, tmp_path / "out")
+        with pytest.raises(UserError, match=flag):
+            distill.main([*a, flag, value])

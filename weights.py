@@ -1,0 +1,239 @@
+"""Per-sample losses of the frozen models, the AW weight, and the SFS/TFS analysis (arXiv 2601.10114, Sec. 3.1, 3.3).
+
+    python weights.py                  # runs/student + every runs/teacher checkpoint -> runs/aw/
+
+For every training example (keyed by its id) this scores the token-mean answer cross-entropy of the frozen SFT
+student (L_stuSFT) and of each teacher checkpoint (L_ckpt), and stores them in one table,
+runs/aw/losses.safetensors (one (n,) tensor per model, the ids and steps in its metadata). distill.py reads
+L_stuSFT from it; its L_ckpt comes from the teacher logits it already has for the KD term.
+
+AW gives each sample the KD weight w = σ(log L_stuSFT − log L_ckpt): where the SFT student already beats the
+teacher (the Student-Favored Subdomain, SFS), w < ½ and the gold labels dominate, keeping the student's strength;
+on the Teacher-Favored Subdomain (TFS), w > ½ and the teacher dominates. The analysis reports both subdomains.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import sft
+from model import UserError, atomic_write_text, load_model, run_cli
+
+LOSS_FLOOR = 1e-12  # a zero loss becomes this before the log: w stays defined when a model is perfect
+LOSS_CEIL = 1e30  # an inf loss becomes this, so inf/inf cannot give NaN
+STUDENT = "student_sft"  # name of L_stuSFT's column in the table
+
+# -----------------------------------------------------------------------------
+# AW and the per-sample losses
+
+
+def aw_weight(loss_student: torch.Tensor, loss_ckpt: torch.Tensor) -> torch.Tensor:
+    """AW's KD weight per sample: w = σ(log L_stuSFT − log L_ckpt) = L_stuSFT / (L_stuSFT + L_ckpt).
+
+    The more the frozen SFT student loses against the teacher checkpoint on a sample, the more that sample's loss
+    is KD and the less it is gold CE. Computed through the logs so 0 and huge losses give a finite w in [0, 1]
+    (½ when both are 0 or both huge).
+    """
+    log_s = loss_student.float().clamp(LOSS_FLOOR, LOSS_CEIL).log()
+    log_c = loss_ckpt.float().clamp(LOSS_FLOOR, LOSS_CEIL).log()
+    return torch.sigmoid(log_s - log_c)
+
+
+def sample_mean(values: torch.Tensor, sample_idx: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """Token-mean of per-token values (N,) per sample (n_samples,), sample_idx[j] being token j's row.
+    A sample without answer tokens gets 0."""
+    sums = values.new_zeros(n_samples).index_add(0, sample_idx, values)
+    counts = torch.bincount(sample_idx, minlength=n_samples).clamp(min=1)
+    return sums / counts
+
+
+@torch.no_grad()
+def sample_losses(model, items: list[dict], pad_id: int, batch_size: int, device, dtype: str = "fp32",
+                  desc: str | None = None) -> torch.Tensor:
+    """Token-mean answer CE of each item (n,), in the items' order. Batches are taken by length to pad little."""
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    out = torch.zeros(len(items))
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+        idx = order[i:i + batch_size]
+        batch = sft.to_device(data.collate([items[k] for k in idx], pad_id), device)
+        with sft.autocast(device, dtype):
+            logits, labels, rows = sft.answer_logits(model, batch)  # (N, V), (N,), (N,)
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        out[idx] = sample_mean(ce, rows, len(idx)).cpu()
+    return out
+
+# -----------------------------------------------------------------------------
+# SFS / TFS
+
+
+def sfs_tfs(ids: list[str], loss_student: torch.Tensor, loss_teacher: torch.Tensor) -> dict:
+    """Split the examples by which model handles them better (paper Sec. 3.1):
+
+        SFS = {x : L_stuSFT(x) < L_teacher(x)}    (student-favored)     TFS = the rest (teacher-favored, ties too)
+
+    Returns the share of each, and the mean loss gap on each side, both positive: the student's advantage on SFS,
+    mean(L_teacher − L_stuSFT), and its deficit on TFS, mean(L_stuSFT − L_teacher). The student can beat the
+    teacher overall when share_SFS · gap_SFS outweighs share_TFS · gap_TFS.
+    """
+    gap = loss_teacher.float() - loss_student.float()  # > 0: the student is better
+    sfs = gap > 0
+    n, n_sfs = len(ids), int(sfs.sum())
+    return {
+        "n": n,
+        "sfs_share": n_sfs / n if n else 0.0,
+        "tfs_share": (n - n_sfs) / n if n else 0.0,
+        "sfs_gap": float(gap[sfs].mean()) if n_sfs else 0.0,
+        "tfs_gap": float(-gap[~sfs].mean()) if n - n_sfs else 0.0,
+        "mean_loss_student": float(loss_student.mean()) if n else 0.0,
+        "mean_loss_teacher": float(loss_teacher.mean()) if n else 0.0,
+        "sfs_ids": [i for i, s in zip(ids, sfs.tolist()) if s],
+        "tfs_ids": [i for i, s in zip(ids, sfs.tolist()) if not s],
+    }
+
+
+def format_sfs_tfs(rows: dict[str, dict]) -> str:
+    """One line per reference teacher: shares and gaps, as a fixed-width table."""
+    head = f"{'teacher':<20} {'n':>6} {'SFS share':>10} {'SFS gap':>9} {'TFS share':>10} {'TFS gap':>9} " \
+           f"{'L_stuSFT':>9} {'L_teacher':>9}"
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        lines.append(f"{name:<20} {r['n']:>6} {r['sfs_share']:>10.3f} {r['sfs_gap']:>9.4f} {r['tfs_share']:>10.3f} "
+                     f"{r['tfs_gap']:>9.4f} {r['mean_loss_student']:>9.4f} {r['mean_loss_teacher']:>9.4f}")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# the loss table
+
+
+def column_name(step: int) -> str:
+    return sft.checkpoint_name(step)
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """safetensors file written to a temp name beside `path`, then renamed onto it: never seen half-written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_losses(path, ids: list[str], columns: dict[str, torch.Tensor], meta: dict):
+    """One (n,) fp32 tensor per model; ids and `meta` as JSON in the safetensors metadata."""
+    save_tensors(path, {k: v.float() for k, v in columns.items()}, {"ids": json.dumps(ids), "meta": json.dumps(meta)})
+
+
+def load_losses(path) -> tuple[list[str], dict[str, torch.Tensor], dict]:
+    """(ids, {column: (n,) tensor}, meta) from a table written by save_losses."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: loss table not found; run weights.py first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            columns = {k: f.get_tensor(k) for k in f.keys()}
+        ids, meta = json.loads(md["ids"]), json.loads(md["meta"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a loss table written by weights.py ({e})") from None
+    bad = [k for k, v in columns.items() if v.shape != (len(ids),)]
+    if bad:
+        raise UserError(f"{path}: column {bad[0]!r} has shape {tuple(columns[bad[0]].shape)}, expected ({len(ids)},)")
+    return ids, columns, meta
+
+
+def student_sft_checkpoint(run_dir) -> Path:
+    """The frozen SFT student: the final checkpoint of its run (the newest if the run has no final yet)."""
+    index = sft.read_checkpoint_index(run_dir)
+    step = index["final"] if index["final"] is not None else index["steps"][-1]
+    return Path(run_dir) / sft.checkpoint_name(step)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
+    p.add_argument("--student-sft", default="runs/student", help="student SFT run dir (its final checkpoint is used)")
+    p.add_argument("--steps", default="all",
+                   help="teacher checkpoints to score: 'all', 'best,final', or comma-separated steps")
+    p.add_argument("--out", default="runs/aw", help="output dir for losses.safetensors and sfs_tfs.json")
+    p.add_argument("--task", default="ncbi_disease", help="built-in task or 'jsonl' with --data")
+    p.add_argument("--data", default=None, help="JSONL file(s) for --task jsonl, comma-separated train[,val[,test]]")
+    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (../shared/data)")
+    p.add_argument("--preset", choices=sorted(sft.PRESETS), default="cpu",
+                   help="fills --train-size and --max-len as sft.py does, so the ids match the training runs")
+    p.add_argument("--train-size", type=int, default=None, help="first N training examples (0 = all)")
+    p.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--refuse-long", action="store_true", help="stop on an example longer than --max-len instead "
+                                                              "of truncating it")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    args = p.parse_args(argv)
+    for key in ("train_size", "max_len"):
+        if getattr(args, key) is None:
+            setattr(args, key, sft.PRESETS[args.preset][key])
+    if args.batch_size <= 0 or args.max_len <= 0 or args.train_size < 0:
+        raise UserError("--batch-size and --max-len must be positive, --train-size >= 0")
+    device = sft.resolve_device(args.device)
+
+    index = sft.read_checkpoint_index(args.teacher)
+    if args.steps == "all":
+        steps = index["steps"]
+    else:
+        named = {"best": index["best"], "final": index["final"] if index["final"] is not None else index["steps"][-1]}
+        try:
+            steps = sorted({named[s] if s in named else int(s) for s in args.steps.split(",")})
+        except ValueError:
+            raise UserError(f"--steps {args.steps!r}: expected 'all', 'best', 'final' or step numbers") from None
+        missing = [s for s in steps if s not in index["steps"]]
+        if missing:
+            raise UserError(f"--steps: {args.teacher} has no checkpoint step {missing[0]} (has {index['steps']})")
+    student_dir = student_sft_checkpoint(args.student_sft)
+    tok = data.load_tokenizer(student_dir)
+    _, items = sft.load_split(tok, args, "train", args.train_size)
+    if not items:
+        raise UserError(f"task {args.task}: the training split is empty")
+    ids = [it["id"] for it in items]
+
+    columns = {}
+    runs = [(STUDENT, student_dir)] + [(column_name(s), Path(args.teacher) / sft.checkpoint_name(s)) for s in steps]
+    for name, path in runs:  # one model in memory at a time
+        model = load_model(path, device=device)
+        columns[name] = sample_losses(model, items, tok.pad_id, args.batch_size, device, args.dtype, desc=name)
+        del model
+        print(f"{name}: mean answer CE {columns[name].mean():.4f} ({path})")
+
+    out = Path(args.out)
+    meta = {"task": args.task, "max_len": args.max_len, "teacher": str(args.teacher),
+            "student_sft": str(student_dir.resolve()), "steps": steps, "best": index["best"], "final": index["final"]}
+    save_losses(out / "losses.safetensors", ids, columns, meta)
+    analysis = {}
+    for role in ("best", "final"):
+        step = index[role]
+        if step is not None and step in steps:
+            analysis[f"{role} (step {step})"] = sfs_tfs(ids, columns[STUDENT], columns[column_name(step)])
+    print(format_sfs_tfs(analysis))
+    atomic_write_text(out / "sfs_tfs.json", json.dumps(analysis, indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps({**vars(args), "device": str(device)}, indent=2) + "\n")
+    print(f"wrote {out / 'losses.safetensors'} ({len(ids)} examples x {len(columns)} models), {out / 'sfs_tfs.json'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
