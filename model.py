@@ -123,8 +123,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     # long wavelengths are slowed by `factor`, short ones kept, the band between is interpolated smoothly
     smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)
     scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    inv_freq = torch.where(wavelen < old_ctx / high, inv_freq, scaled)
-    return torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    kept_or_scaled = torch.where(wavelen < old_ctx / high, inv_freq, scaled)
+    return torch.where(wavelen > old_ctx / low, inv_freq / factor, kept_or_scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
