@@ -1,7 +1,6 @@
 """Shared fixtures: the real default models (built once by prepare.py, reused after) and tiny random Llamas that
 carry the real SmolLM2 tokenizer, so pipelines run on real text in seconds."""
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -34,26 +33,10 @@ def tokenizer_dir(models_dir):
     return models_dir / "teacher"
 
 
-def make_tiny_model(path, tokenizer_dir, n_layers=2, dim=32, seed=0, tie=True):
+def make_tiny_model(path, tokenizer_dir, n_layers=2, dim=32, seed=0):
     """A random Llama with the real tokenizer's vocabulary, saved in HF layout with the tokenizer files."""
-    from model import ModelArgs, Transformer, save_model
-
-    import json
-    cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=dim // 4, hidden_dim=2 * dim,
-                     vocab_size=cfg["vocab_size"], tie_word_embeddings=tie, max_position_embeddings=2048,
-                     extra={k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg})
-    g = torch.Generator().manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    save_model(model, path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (Path(tokenizer_dir) / f).exists():
-            shutil.copy2(Path(tokenizer_dir) / f, Path(path) / f)
-    return Path(path)
+    from prepare import build_tiny
+    return build_tiny(Path(path), Path(tokenizer_dir), n_layers=n_layers, dim=dim, seed=seed)
 
 
 @pytest.fixture

@@ -1,0 +1,36 @@
+"""experiment.py --quick end to end: every stage runs, the report has its parts, and its numbers are computed."""
+
+import json
+import math
+
+import experiment
+
+
+def test_quick_experiment_report(tmp_path, models_dir):
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir)])
+    root = tmp_path / "ncbi_disease_quick"
+    res = json.loads((root / "results.json").read_text())
+    rows = ["teacher", "student_base", "student_sft", *experiment.VARIANTS]
+    assert set(res["main"]) == set(rows)
+    for key in rows:  # one real score per row (one seed), a fraction
+        assert len(res["main"][key]) == 1 and all(0.0 <= v <= 1.0 for v in res["main"][key]), key
+    assert res["n_test"] == experiment.PRESETS["quick"]["test_size"]
+    for stage in ["teacher SFT", "student SFT s0", "weights s0", *(f"distill {v} s0" for v in experiment.VARIANTS)]:
+        assert res["timings"][stage] > 0, stage
+    for key in rows:  # the SFS/TFS losses are real cross-entropies: finite, positive
+        assert all(math.isfinite(v) and v > 0 for v in res["sides"][key].values()), key
+    md = (root / "results.md").read_text()
+    for section in ["## Test entity F1", "## Wall time per stage", "## SFS / TFS", "## Schedule",
+                    "python experiment.py --quick"]:
+        assert section in md
+    for label, _ in experiment.VARIANTS.values():
+        assert f"| {label} |" in md
+    # each variant's distillation left its schedule and its final model
+    for v in experiment.VARIANTS:
+        assert (root / f"{v}_s0" / "final" / "model.safetensors").exists()
+        rows = [json.loads(s) for s in (root / f"{v}_s0" / "schedule.jsonl").read_text().splitlines()]
+        assert [r["stage"] for r in rows] == [0, 1]
+    # a second invocation reuses every stage: nothing is retrained
+    before = json.loads((root / "timings.json").read_text())
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir)])
+    assert json.loads((root / "timings.json").read_text()) == before
