@@ -37,7 +37,7 @@ ROLE_DEFAULTS = {
 }
 PRESETS = {
     # minutes on 2 CPU cores: a slice of the training split, short sequences
-    "cpu": dict(train_size=500, val_size=100, max_len=256, batch_size=8, dtype="bf16"),
+    "cpu": dict(train_size=500, val_size=64, max_len=256, batch_size=8, dtype="bf16"),
     # the paper's setting (Sec. 4.1): full splits, max length 512, batch 8, bf16
     "gpu": dict(train_size=0, val_size=0, max_len=512, batch_size=8, dtype="bf16", epochs=3),
 }
@@ -58,7 +58,7 @@ def add_common_args(p: argparse.ArgumentParser):
     a("--preset", choices=sorted(PRESETS), default="cpu", help="sizes: 'cpu' (minutes, default) or 'gpu' (paper)")
     a("--train-size", type=int, default=None,
       help="use N training examples, a fixed seeded subset (0 = all; cpu preset 500)")
-    a("--val-size", type=int, default=None, help="validation examples for val loss/metric (0 = all; cpu 100)")
+    a("--val-size", type=int, default=None, help="validation examples for val loss/metric (0 = all; cpu 64)")
     a("--epochs", type=float, default=None, help="passes over the training data")
     a("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
     a("--lr", type=float, default=None, help="peak learning rate")
