@@ -20,6 +20,7 @@ exist whole.
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -290,6 +291,13 @@ def check_inputs(args, checkpoints: dict) -> Path | None:
 # -----------------------------------------------------------------------------
 
 
+def used_checkpoints(schedule_log: Path) -> list[int]:
+    """Teacher checkpoints earlier stages chose (schedule.jsonl), for --distinct across a resume."""
+    if not schedule_log.exists():
+        return []
+    return [json.loads(line)["chosen"] for line in schedule_log.read_text().splitlines() if line.strip()]
+
+
 def variant_name(args) -> str:
     return args.schedule + ("_aw" if args.aw else "") + ("" if args.loss == "fkl" else f"_{args.loss}")
 
@@ -315,6 +323,8 @@ def main(argv=None):
                    help="dir of the teacher checkpoints' probe log-probs, shared by runs (keyed by content)")
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
     p.add_argument("--td-ckpt", choices=["best", "final"], default="best", help="the teacher checkpoint TD uses")
+    p.add_argument("--distinct", action="store_true",
+                   help="never use one teacher checkpoint for two stages; refuses --stages above their number")
     p.add_argument("--student-sft", default="runs/student", help="student SFT run dir: its final checkpoint is "
                                                                  "the frozen L_stuSFT of AW")
     p.add_argument("--init", default="models/student", help="model dir the distilled student starts from")
@@ -347,17 +357,20 @@ def distill(args) -> Path:
     """The staged loop, top to bottom. Returns out/final."""
     device = sft.resolve_device(args.device)
     index = sft.read_checkpoint_index(args.teacher)  # refuses a run dir without complete checkpoints
+    n_usable = 1 if args.schedule == "td" else len(index["steps"])
+    if args.distinct and args.stages > n_usable:
+        raise UserError(f"--stages {args.stages} with --distinct: {args.schedule.upper()} has {n_usable} teacher "
+                        f"checkpoint(s) in {args.teacher} and none may serve two stages")
     checkpoints = dict(sft.list_checkpoints(args.teacher))
     student_sft = check_inputs(args, checkpoints)
     config = {**vars(args), "device": str(device)}
-    out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite)
     sft.seed_everything(args.seed)
-
     tok = data.load_tokenizer(args.init)
     _, train_items = sft.load_split(tok, args, "train", args.train_size)
     _, val_items = sft.load_split(tok, args, "val", args.val_size)
     if not train_items:
         raise UserError(f"task {args.task}: the training split is empty")
+    out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite)  # only once all inputs are good
     steps_per_epoch = len(sft.build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
     total = math.ceil(args.epochs * steps_per_epoch)
     if args.max_steps:
@@ -374,7 +387,6 @@ def distill(args) -> Path:
     if args.schedule == "scd":
         cache = schedule.ProbeCache(args.probe_cache, probe, list(checkpoints.items()))
         cache.build(tok.pad_id, args.eval_batch_size, device, args.dtype)
-    scheduler = schedule.Scheduler(args.schedule, index, args.stages, cache, final=args.td_ckpt == "final")
 
     stage, k, chosen, tokens_seen, state = 0, 0, None, 0, None
     teacher, teacher_step = None, None
@@ -395,6 +407,8 @@ def distill(args) -> Path:
         print(f"resuming from {path}: stage {stage}, step {g} of {n_steps}")
     else:
         student = load_model(args.init, device=device)
+    scheduler = schedule.Scheduler(args.schedule, index, args.stages, cache, final=args.td_ckpt == "final",
+                                   distinct=args.distinct, used=used_checkpoints(out / "schedule.jsonl"))
 
     print(f"distill {args.variant}: {args.schedule.upper()}{' + AW' if args.aw else f', alpha {args.alpha}'}, "
           f"{args.loss} at T={args.temperature}; {len(index['steps'])} teacher checkpoints (best {index['best']}), "

@@ -85,11 +85,15 @@ def td_choice(index: dict, final: bool = False) -> int:
 class Scheduler:
     """Chooses the teacher checkpoint at each stage start and describes the choice as one schedule.jsonl row."""
 
-    def __init__(self, kind: str, index: dict, n_stages: int, cache=None, final: bool = False):
+    def __init__(self, kind: str, index: dict, n_stages: int, cache=None, final: bool = False,
+                 distinct: bool = False, used=()):
         if kind == "scd" and cache is None:
             raise ValueError("SCD needs a probe cache")
         self.kind, self.index, self.n_stages, self.cache, self.final = kind, index, n_stages, cache, final
         self.m1 = None  # Metric 1 per checkpoint, filled on the first SCD selection
+        # distinct: no checkpoint serves two stages (SCD takes the argmin over the unused ones; CD with no more
+        # stages than checkpoints never repeats); `used` restores the earlier stages' choices on a resume
+        self.distinct, self.used = distinct, set(used)
 
     def select(self, stage: int, step: int, student_logp=None) -> tuple[int, dict]:
         """(chosen step, record). student_logp() gives the student's probe log-probs; only SCD calls it."""
@@ -105,7 +109,9 @@ class Scheduler:
                 self.m1 = {s: metric1(best, self.cache.load(s)) for s in steps}
             logp = student_logp()
             m1, m2 = self.m1, {s: metric2(logp, self.cache.load(s)) for s in steps}
-            chosen = scd_choice(m1, m2)
+            free = [s for s in steps if not (self.distinct and s in self.used)]
+            chosen = scd_choice({s: m1[s] for s in free}, m2)
+        self.used.add(chosen)
         candidates = [{"ckpt": s, "metric1": m1.get(s), "metric2": m2.get(s),
                        "sum": m1[s] + m2[s] if m1 else None} for s in steps]
         return chosen, {"stage": stage, "step": step, "schedule": self.kind, "chosen": chosen,

@@ -229,3 +229,17 @@ def test_refuses_nonsense_flags(runs, tmp_path):
         a = argv(runs, tmp_path / "out")
         with pytest.raises(UserError, match=flag):
             distill.main([*a, flag, value])
+
+
+def test_distinct_checkpoints(runs, tmp_path):
+    teacher = runs[0] / "teacher"
+    n = len(TEACHER_STEPS)
+    with pytest.raises(UserError, match=f"--stages {n + 1} with --distinct"):
+        distill.main(argv(runs, tmp_path / "a", "--schedule", "scd", "--distinct", "--stages", n + 1))
+    with pytest.raises(UserError, match="--stages 2 with --distinct: TD has 1"):
+        distill.main(argv(runs, tmp_path / "b", "--schedule", "td", "--distinct"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    distill.main(argv(runs, tmp_path / "c", "--schedule", "scd", "--no-aw", "--distinct", "--stages", n,
+                      "--stage-steps", 1))
+    chosen = [r["chosen"] for r in read_jsonl(tmp_path / "c" / "schedule.jsonl")]
+    assert sorted(chosen) == [s for s, _ in sft.list_checkpoints(teacher)]
