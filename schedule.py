@@ -215,26 +215,12 @@ def main(argv=None):
     p.add_argument("--student", default="models/student", help="student model dir (HF layout) to score against")
     p.add_argument("--probe-size", type=int, default=32, help="training examples in the probe set")
     p.add_argument("--probe-cache", default="runs/probe_cache", help="dir of the teacher probe log-prob cache")
-    p.add_argument("--task", default="ncbi_disease", help="built-in task or 'jsonl' with --data")
-    p.add_argument("--data", default=None, help="JSONL file(s) for --task jsonl, comma-separated train[,val[,test]]")
-    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (../shared/data)")
-    p.add_argument("--preset", choices=sorted(sft.PRESETS), default="cpu",
-                   help="fills --train-size and --max-len as sft.py and distill.py do, so the probe set matches")
-    p.add_argument("--train-size", type=int, default=None, help="first N training examples (0 = all)")
-    p.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens")
-    p.add_argument("--refuse-long", action="store_true", help="stop on an example longer than --max-len instead "
-                                                              "of truncating it")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe draw (distill.py uses its --seed)")
+    sft.add_scoring_args(p)
     args = p.parse_args(argv)
-    for key in ("train_size", "max_len"):
-        if getattr(args, key) is None:
-            setattr(args, key, sft.PRESETS[args.preset][key])
-    if args.probe_size <= 0 or args.batch_size <= 0 or args.max_len <= 0:
-        raise UserError("--probe-size, --batch-size and --max-len must be positive")
-    device = sft.resolve_device(args.device)
+    device = sft.resolve_scoring_args(args)
+    if args.probe_size <= 0:
+        raise UserError("--probe-size must be positive")
 
     index = sft.read_checkpoint_index(args.teacher)
     checkpoints = sft.list_checkpoints(args.teacher)

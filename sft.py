@@ -80,6 +80,32 @@ def add_common_args(p: argparse.ArgumentParser):
     a("--overwrite", action="store_true", help="delete what --out holds and start over")
 
 
+def add_scoring_args(p: argparse.ArgumentParser):
+    """Flags of the scripts that only score training examples (weights.py, schedule.py). They take the same data
+    and sizes as the training runs, so example ids and probe sets match."""
+    a = p.add_argument
+    a("--task", default="ncbi_disease", help="built-in task or 'jsonl' with --data")
+    a("--data", default=None, help="JSONL file(s) for --task jsonl, comma-separated train[,val[,test]]")
+    a("--data-dir", default=None, help="directory with the built-in tasks' files (default: ../shared/data)")
+    a("--preset", choices=sorted(PRESETS), default="cpu",
+      help="fills --train-size and --max-len as the training scripts do, so the examples match")
+    a("--train-size", type=int, default=None, help="training examples, the same seeded subset (0 = all)")
+    a("--max-len", type=int, default=None, help="truncate examples to this many tokens")
+    a("--refuse-long", action="store_true", help="stop on an example longer than --max-len instead of truncating")
+    a("--batch-size", type=int, default=16, help="examples per forward pass")
+    a("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast")
+    a("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def resolve_scoring_args(args) -> torch.device:
+    for key in ("train_size", "max_len"):
+        if getattr(args, key) is None:
+            setattr(args, key, PRESETS[args.preset][key])
+    if args.batch_size <= 0 or args.max_len <= 0 or args.train_size < 0:
+        raise UserError("--batch-size and --max-len must be positive, --train-size >= 0")
+    return resolve_device(args.device)
+
+
 def resolve_args(args, role_defaults: dict):
     """Fill None flags from the preset, then the role. Also validates numbers a user can get wrong."""
     preset = PRESETS[args.preset]

@@ -173,25 +173,9 @@ def main(argv=None):
     p.add_argument("--steps", default="all",
                    help="teacher checkpoints to score: 'all', 'best,final', or comma-separated steps")
     p.add_argument("--out", default="runs/aw", help="output dir for losses.safetensors and sfs_tfs.json")
-    p.add_argument("--task", default="ncbi_disease", help="built-in task or 'jsonl' with --data")
-    p.add_argument("--data", default=None, help="JSONL file(s) for --task jsonl, comma-separated train[,val[,test]]")
-    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (../shared/data)")
-    p.add_argument("--preset", choices=sorted(sft.PRESETS), default="cpu",
-                   help="fills --train-size and --max-len as sft.py does, so the ids match the training runs")
-    p.add_argument("--train-size", type=int, default=None, help="first N training examples (0 = all)")
-    p.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens")
-    p.add_argument("--refuse-long", action="store_true", help="stop on an example longer than --max-len instead "
-                                                              "of truncating it")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    sft.add_scoring_args(p)
     args = p.parse_args(argv)
-    for key in ("train_size", "max_len"):
-        if getattr(args, key) is None:
-            setattr(args, key, sft.PRESETS[args.preset][key])
-    if args.batch_size <= 0 or args.max_len <= 0 or args.train_size < 0:
-        raise UserError("--batch-size and --max-len must be positive, --train-size >= 0")
-    device = sft.resolve_device(args.device)
+    device = sft.resolve_scoring_args(args)
 
     index = sft.read_checkpoint_index(args.teacher)
     if args.steps == "all":
