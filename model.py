@@ -137,11 +137,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    B, H, T, hd = x.shape  # (B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd)
-    return x if n_rep == 1 else x[:, :, None].expand(B, H, n_rep, T, hd).reshape(B, H * n_rep, T, hd)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -190,10 +185,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        # mask None means plain causal attention, which is exact for unpadded and right-padded batches
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # mask None means plain causal attention, which is exact for unpadded and right-padded batches.
+        # enable_gqa: SDPA shares each k/v head among n_heads/n_kv_heads query heads without copying k, v (or,
+        # when decoding, the whole cache) that many times
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -431,12 +426,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     pos = mask.sum(-1, keepdim=True)  # (B, 1) position of the next token
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample_next(model.lm_logits(h), temperature, top_p, generator)
         nxt = torch.where(done, pad_id, nxt)
         out.append(nxt)
         done |= torch.isin(nxt, eos)
-        if done.all():
+        if done.all() or i == max_new_tokens - 1:  # no forward pass for a token nobody will read
             break
         h = model.hidden(nxt[:, None], position_ids=pos, cache=cache)[:, -1]
         pos = pos + 1

@@ -1,0 +1,115 @@
+"""Greedy KV-cache decoding: our `model.generate` vs transformers' `generate`, same model, prompts and length.
+
+    python bench/decode.py                                # models/teacher, 8 NCBI-disease prompts, 32 new tokens
+    python bench/decode.py --batch-size 1 --prompts 4     # one prompt at a time
+    python bench/decode.py --eos                          # stop at the end-of-turn token, as evaluate.py does
+
+The prompts are real: the first --prompts training examples of the task, chat-rendered by data.encode_prompt, run
+in batches of --batch-size, left-padded (both sides get the same ids and attention mask). By default no eos stops
+either side, so both produce exactly --max-new-tokens per prompt and tokens/s compares like with like. Runs of the
+two alternate, --rounds times, so load from other processes on this machine hits both alike; the median of the
+per-round time ratios is the speed-up. In fp32 the outputs must be identical token for token (it exits 1 if
+not).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+from model import generate, load_model, run_cli  # noqa: E402
+
+
+def left_pad(prompts, pad_id):
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def run_ours(model, batches, n_new, eos_id, pad_id):
+    return [out for b in batches for out in generate(model, b, n_new, eos_id=eos_id, pad_id=pad_id)]
+
+
+@torch.no_grad()
+def run_hf(model, batches, n_new, eos_id, pad_id):
+    outs = []
+    for b in batches:
+        ids, mask = left_pad(b, pad_id)
+        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                             use_cache=True, eos_token_id=eos_id, pad_token_id=pad_id)[:, ids.shape[1]:]
+        for row in new.tolist():  # cut at the first eos, as ours does
+            outs.append(row[:row.index(eos_id)] if eos_id is not None and eos_id in row else row)
+    return outs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="models/teacher", help="HF Llama model dir (with its tokenizer)")
+    p.add_argument("--task", default="ncbi_disease", help="task whose training prompts are decoded")
+    p.add_argument("--prompts", type=int, default=8, help="number of prompts")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--eos", action="store_true", help="stop each prompt at the end-of-turn token (default: never "
+                                                      "stop, so both sides generate exactly --max-new-tokens)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs ours and transformers once)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (all cores). 1 because "
+                                                          "on 2 cores shared with a training run a second thread "
+                                                          "mostly waits for a time slice")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from transformers import LlamaForCausalLM
+
+    tok = data.load_tokenizer(a.model)
+    examples = data.load_examples(a.task, "train", limit=a.prompts)
+    prompts = [data.encode_prompt(tok, ex) for ex in examples]
+    batches = [prompts[i:i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    ours = load_model(a.model, dtype=dtype).eval()
+    hf = LlamaForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").eval()
+    hf.generation_config.eos_token_id = None  # else it falls back to the model's own eos
+    eos = tok.eos_id if a.eos else None
+    runs = {"ours": lambda: run_ours(ours, batches, a.max_new_tokens, eos if a.eos else -1, tok.pad_id),
+            "hf": lambda: run_hf(hf, batches, a.max_new_tokens, eos, tok.pad_id)}
+    print(f"{a.model}: {ours.num_params() / 1e6:.1f}M params {a.dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {len(prompts)} {a.task} prompts ({min(map(len, prompts))}-"
+          f"{max(map(len, prompts))} tokens) in batches of {a.batch_size}, {a.max_new_tokens} new tokens, "
+          f"eos {'on' if a.eos else 'off'}")
+    print("other processes share this CPU: the two alternate and medians are compared")
+    outs, times = {}, {k: [] for k in runs}
+    for k, fn in runs.items():  # warm-up, untimed
+        outs[k] = fn()
+    for _ in range(a.rounds):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    n_tokens = {k: sum(len(o) for o in v) for k, v in outs.items()}
+    for k, label in (("hf", "transformers generate"), ("ours", "ours model.generate")):
+        t = statistics.median(times[k])
+        print(f"  {label:22s} {t:7.2f} s  {n_tokens[k] / t:7.1f} new tok/s  (rounds: "
+              f"{', '.join(f'{x:.2f}' for x in times[k])})")
+    ratio = statistics.median(h / o for h, o in zip(times["hf"], times["ours"]))
+    print(f"speed-up of ours vs transformers (median of per-round ratios): {ratio:.2f}x")
+    same = outs["ours"] == outs["hf"]
+    differ = [i for i, (x, y) in enumerate(zip(outs["ours"], outs["hf"])) if x != y]
+    print(f"greedy outputs identical token for token: {'yes' if same else 'NO, prompts ' + str(differ)}")
+    if not same and a.dtype == "fp32":
+        sys.exit(1)
+    if not same:  # seen here: two logits equal in bf16 (35.5 and 35.5), and the two argmaxes break the tie apart
+        print("(bf16: exactly tied logits can break differently; fp32 must match)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
