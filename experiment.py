@@ -157,8 +157,9 @@ def plot_schedule(root: Path, seed: int, png: Path) -> str:
 def write_report(root: Path, args, seeds: list[int], results: dict, timings: dict, sides: dict, split: dict | None,
                  note: str, command: str):
     metric = "accuracy" if args.task == "pubmedqa" else "entity F1"
-    rows = [("teacher SFT (final)", "teacher"), ("student base", "student_base"), ("student SFT", "student_sft")]
-    rows += [(VARIANTS[v][0], v) for v in args.variants]
+    rows = [("teacher base", "teacher_base"), ("teacher SFT (final)", "teacher"), ("student base", "student_base"),
+            ("student SFT", "student_sft")]
+    rows += [(label, v) for v, (label, _) in VARIANTS.items() if v in args.variants]  # paper order, any run order
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     machine = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()}, " \
                                                          f"{torch.get_num_threads()} threads)"
@@ -264,10 +265,11 @@ def main(argv=None):
                                             str(teacher_run), *common, *(QUICK_TEACHER if args.quick else []),
                                             *flags])
     index = sft.read_checkpoint_index(teacher_run)
-    results = {"main": {k: [] for k in ["teacher", "student_base", "student_sft", *args.variants]}}
+    results = {"main": {k: [] for k in ["teacher_base", "teacher", "student_base", "student_sft", *args.variants]}}
     evals = root / "evals"
     teacher_final = teacher_run / sft.checkpoint_name(index["final"])
-    for key, model_dir in (("teacher", teacher_final), ("student_base", models / "student")):
+    for key, model_dir in (("teacher_base", models / "teacher"), ("teacher", teacher_final),
+                           ("student_base", models / "student")):
         m = timer.run(f"eval {key}", test_eval, model_dir, evals / f"{key}.json", args, test_size, device,
                       cached=evals / f"{key}.json")
         results["main"][key] = [m["main"]]
