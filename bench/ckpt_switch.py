@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
 import schedule  # noqa: E402
@@ -81,12 +82,9 @@ def main():
     p.add_argument("--probe-size", type=int, default=32, help="SCD probe examples (distill.py default)")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size")
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of the probe forwards")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (all cores). 1 because "
-                                                          "on 2 cores shared with a training run a second thread "
-                                                          "mostly waits for a time slice")
+    add_threads_arg(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     device = torch.device("cpu")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     files = checkpoint_files(Path(a.checkpoint))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 from model import generate, load_model, run_cli  # noqa: E402
 
@@ -63,12 +64,9 @@ def main():
                                                       "stop, so both sides generate exactly --max-new-tokens)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs ours and transformers once)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (all cores). 1 because "
-                                                          "on 2 cores shared with a training run a second thread "
-                                                          "mostly waits for a time slice")
+    add_threads_arg(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     from transformers import LlamaForCausalLM
 
     tok = data.load_tokenizer(a.model)

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
 import sft  # noqa: E402
@@ -48,12 +49,9 @@ def main():
     p.add_argument("--loss", choices=sorted(distill.DIVERGENCES), default="fkl", help="the KD divergence")
     p.add_argument("--aw", action=argparse.BooleanOptionalAction, default=True, help="AW weights (else alpha 0.5)")
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (each runs both once)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (all cores). 1 because "
-                                                          "on 2 cores shared with a training run a second thread "
-                                                          "mostly waits for a time slice")
+    add_threads_arg(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     device = torch.device("cpu")
     tok = data.load_tokenizer(a.student)
     batch = real_batch(tok, a.task, 200, a.batch_size, a.max_len)

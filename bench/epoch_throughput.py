@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import sft  # noqa: E402
 from model import load_model, run_cli  # noqa: E402
@@ -34,12 +35,9 @@ def main():
     p.add_argument("--max-len", type=int, default=256, help="truncate examples to this many tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="fp32 or bf16 autocast, as sft.py")
     p.add_argument("--seed", type=int, default=0, help="seed of both batch orders")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (all cores). 1 because "
-                                                          "on 2 cores shared with a training run a second thread "
-                                                          "mostly waits for a time slice")
+    add_threads_arg(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     device = torch.device("cpu")
     tok = data.load_tokenizer(a.model)
     items, _ = data.encode_split(tok, data.load_examples(a.task, "train", limit=a.limit), a.max_len)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import set_threads  # noqa: E402
 from model import UserError, run_cli  # noqa: E402
 
 GB = 1024 ** 3
@@ -58,8 +59,7 @@ def run_variant(a):
 
     import distill
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     torch.manual_seed(0)
     N, V, D = a.tokens, a.vocab, a.dim
     h = torch.randn(N, D).requires_grad_()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import add_threads_arg, set_threads  # noqa: E402
 from model import ModelArgs, Transformer, run_cli  # noqa: E402
 from sft import answer_logits, make_optimizer  # noqa: E402
 
@@ -138,12 +139,9 @@ def main():
     p.add_argument("--fused-adamw", action="store_true",
                    help="fused AdamW for both models instead of sft.make_optimizer (which fuses on CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile each of our decoder layers")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (all cores). 1 because "
-                                                          "on 2 cores shared with a training run a second thread "
-                                                          "mostly waits for a time slice")
+    add_threads_arg(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     device = torch.device(a.device)
     args = ModelArgs(**SMOLLM2_135M)
     if a.layers:
