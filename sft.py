@@ -529,7 +529,7 @@ def train(args) -> Path:
             micro = [data.collate([train_items[i] for i in mb], tok.pad_id)
                      for mb in build_batches(train_items, args.batch_size, args.grad_accum, args.seed, epoch)[k]]
             lr = lr_at(step, total, warmup, args.lr)
-            loss, grad_norm, n_ans = train_step(model, micro, device, args.dtype)
+            loss, grad_norm, _ = train_step(model, micro, device, args.dtype)
             apply_update(optimizer, lr, step, loss, grad_norm)
             step += 1
             batch_tokens = sum(int(b["attention_mask"].sum()) for b in micro)

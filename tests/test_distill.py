@@ -243,3 +243,30 @@ def test_distinct_checkpoints(runs, tmp_path):
                       "--stage-steps", 1))
     chosen = [r["chosen"] for r in read_jsonl(tmp_path / "c" / "schedule.jsonl")]
     assert sorted(chosen) == [s for s, _ in sft.list_checkpoints(teacher)]
+
+
+@pytest.mark.parametrize("when", ["step:4", "time:1.5"])
+def test_kill_9_then_resume_is_bit_identical(when, runs, straight_run, tmp_path):
+    """A real SIGKILL of the distill.py process, by logged step or by time after its first step."""
+    import os
+    import signal
+    import time
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "distill.py"), *argv(runs, out, *RESUME_FLAGS)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kind, _, arg = when.partition(":")
+    steps = lambda: len([s for s in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in s]) \
+        if (out / "metrics.jsonl").exists() else 0  # noqa: E731
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 120:
+        if steps() >= (int(arg) if kind == "step" else 1):
+            time.sleep(0 if kind == "step" else float(arg))
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    resume = ["--resume"] if sft.latest_resumable(out / "resume") else ["--overwrite"]
+    r = subprocess.run([*cmd, *resume], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_file(straight_run / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
