@@ -22,7 +22,6 @@ exist whole.
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -253,14 +252,8 @@ def distill_step(student, teacher, micro_batches, loss_student_sft, args, device
 
 
 def export_model(out: Path, name: str, step: int, model, tok, meta: dict) -> Path:
-    """out/<name>/ in HF layout: written by sft.save_checkpoint beside it, then renamed into place whole."""
-    staged = sft.save_checkpoint(out / ".staging", step, model, tok, meta)
-    dest = out / name
-    if dest.exists():  # a complete copy from before an interruption
-        shutil.rmtree(dest)
-    os.replace(staged, dest)
-    shutil.rmtree(out / ".staging", ignore_errors=True)
-    return dest
+    """out/<name>/ in HF layout, written whole or not at all (it replaces a copy left by an interrupted run)."""
+    return sft.save_checkpoint(out, step, model, tok, meta, name=name)
 
 
 def save_resume_state(out: Path, step: int, model, tok, meta: dict, progress: dict, optimizer=None):

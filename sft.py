@@ -385,15 +385,16 @@ def load_optimizer_tensors(optimizer, tensors: dict, info: dict):
 
 
 def save_checkpoint(run_dir, step: int, model, tok, meta: dict, train_state: dict | None = None,
-                    save_dtype=None) -> Path:
-    """Write run_dir/step_XXXXXX/ atomically in HF layout, plus meta.json and (optionally) the resume state.
+                    save_dtype=None, name: str | None = None) -> Path:
+    """Write run_dir/step_XXXXXX/ (or run_dir/<name>/) atomically in HF layout, plus meta.json and (optionally)
+    the resume state.
 
     train_state = {"tensors": {name: tensor}, "json": {...}}; only the newest checkpoint keeps it.
     """
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    path = run_dir / checkpoint_name(step)
+    path = run_dir / (name or checkpoint_name(step))
     with atomic_dir(path) as tmp:
         save_model(model, tmp, dtype=save_dtype)
         for f in tok.files:
