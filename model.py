@@ -185,11 +185,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
-        # mask None means plain causal attention, which is exact for unpadded and right-padded batches.
-        # enable_gqa: SDPA shares each k/v head among n_heads/n_kv_heads query heads without copying k, v (or,
-        # when decoding, the whole cache) that many times
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if T == 1 and mask is not None:  # one new token per row, attending to the cache
+            y = decode_attention(q, k, v, mask)
+        else:
+            # mask None means plain causal attention, which is exact for unpadded and right-padded batches.
+            # enable_gqa: SDPA shares each k/v head among n_heads/n_kv_heads query heads without copying k, v
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q, k, v, mask):
+    """Attention of one query per row: q (B, H, 1, hd), k/v (B, Hkv, S, hd), mask (B, 1, 1, S) -> (B, H, 1, hd).
+    Two small matmuls in fp32. SDPA's CPU kernel is tiled for long queries: in bf16 it spends 4-6x longer on a
+    single query (bench/decode.py), about a third of a decode step."""
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    # query heads h*G .. h*G+G-1 share kv head h (G = H / Hkv), the grouping SDPA's enable_gqa uses
+    scores = q.float().view(B, Hkv, H // Hkv, hd) @ k.float().transpose(-1, -2) * hd ** -0.5  # (B, Hkv, G, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(v.dtype).view(B, H, 1, hd)
 
 
 class MLP(nn.Module):
