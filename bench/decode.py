@@ -36,6 +36,11 @@ def left_pad(prompts, pad_id):
     return ids, mask
 
 
+def autocast_run(autocast, fn):
+    with autocast:
+        return fn()
+
+
 def run_ours(model, batches, n_new, eos_id, pad_id):
     return [out for b in batches for out in generate(model, b, n_new, eos_id=eos_id, pad_id=pad_id)]
 
@@ -62,7 +67,9 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--eos", action="store_true", help="stop each prompt at the end-of-turn token (default: never "
                                                       "stop, so both sides generate exactly --max-new-tokens)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "autocast"], default="fp32",
+                   help="both models: fp32 weights, bf16 weights, or fp32 weights under bf16 autocast (what "
+                        "evaluate.py --dtype bf16 does)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs ours and transformers once)")
     add_threads_arg(p)
     a = p.parse_args()
@@ -74,12 +81,14 @@ def main():
     prompts = [data.encode_prompt(tok, ex) for ex in examples]
     batches = [prompts[i:i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "autocast")
     ours = load_model(a.model, dtype=dtype).eval()
     hf = LlamaForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").eval()
     hf.generation_config.eos_token_id = None  # else it falls back to the model's own eos
     eos = tok.eos_id if a.eos else None
     runs = {"ours": lambda: run_ours(ours, batches, a.max_new_tokens, eos if a.eos else -1, tok.pad_id),
             "hf": lambda: run_hf(hf, batches, a.max_new_tokens, eos, tok.pad_id)}
+    runs = {k: (lambda fn=fn: autocast_run(autocast, fn)) for k, fn in runs.items()}
     print(f"{a.model}: {ours.num_params() / 1e6:.1f}M params {a.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {len(prompts)} {a.task} prompts ({min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens) in batches of {a.batch_size}, {a.max_new_tokens} new tokens, "
@@ -105,8 +114,9 @@ def main():
     print(f"greedy outputs identical token for token: {'yes' if same else 'NO, prompts ' + str(differ)}")
     if not same and a.dtype == "fp32":
         sys.exit(1)
-    if not same:  # seen here: two logits equal in bf16 (35.5 and 35.5), and the two argmaxes break the tie apart
-        print("(bf16: exactly tied logits can break differently; fp32 must match)")
+    if not same:
+        print("(bf16: the two round differently (our single-query attention runs in fp32), so near-tied logits "
+              "can pick different tokens; fp32 must match)")
 
 
 if __name__ == "__main__":
