@@ -49,7 +49,7 @@ VARIANTS = {  # name -> (label, distill.py flags)
 }
 PRESETS = {
     # flags for every training script, the test examples scored, and a generation cap for NER evaluation
-    "cpu": dict(train=["--preset", "cpu"], test_size=300, minutes=60),
+    "cpu": dict(train=["--preset", "cpu"], test_size=200, minutes=70),
     "gpu": dict(train=["--preset", "gpu"], test_size=0, minutes=0),
     "quick": dict(train=["--preset", "cpu", "--train-size", "16", "--val-size", "4", "--max-len", "128",
                          "--batch-size", "4", "--epochs", "2", "--dtype", "fp32", "--eval-max-new-tokens", "8"],
@@ -144,9 +144,10 @@ def plot_schedule(root: Path, seed: int, png: Path) -> str:
         if all(m is not None for m in m2):
             ax2.plot([r["stage"] for r in rows], m2, style, alpha=0.4, color="gray")
     ax.set_xlabel("stage")
+    ax.set_xticks(range(max((len(line.get_xdata()) for line in ax.lines), default=1)))
     ax.set_ylabel("teacher checkpoint (step)")
     ax2.set_ylabel("Metric 2 of the chosen checkpoint (grey)")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     ax.set_title(f"{root.name}: teacher checkpoint per stage (seed {seed})")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -216,7 +217,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/experiment", help="root dir; everything goes to OUT/TASK/")
     p.add_argument("--models", default="models", help="dir with teacher/ and student/ (made by prepare.py)")
     p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files")
-    p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all; cpu preset 300)")
+    p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all; cpu preset 200)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of evaluation")
     args = p.parse_args(argv)
@@ -236,7 +237,7 @@ def main(argv=None):
     device = sft.resolve_device(args.device)
     args.dtype = "fp32" if args.quick else "bf16"  # as sft.py's presets
     seeds = list(range(args.seeds))
-    command = "python experiment.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = shlex.join(["python", "experiment.py", *(sys.argv[1:] if argv is None else argv)])
 
     root = Path(args.out) / (f"{args.task}_quick" if args.quick else args.task)
     root.mkdir(parents=True, exist_ok=True)
