@@ -49,7 +49,7 @@ def run_ours(model, batches, n_new, eos_id, pad_id):
 def run_hf(model, batches, n_new, eos_id, pad_id):
     outs = []
     for b in batches:
-        ids, mask = left_pad(b, pad_id)
+        ids, mask = (t.to(model.device) for t in left_pad(b, pad_id))
         new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
                              use_cache=True, eos_token_id=eos_id, pad_token_id=pad_id)[:, ids.shape[1]:]
         for row in new.tolist():  # cut at the first eos, as ours does
@@ -71,6 +71,7 @@ def main():
                    help="both models: fp32 weights, bf16 weights, or fp32 weights under bf16 autocast (what "
                         "evaluate.py --dtype bf16 does)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs ours and transformers once)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (outputs are read back each call, so timing syncs)")
     add_threads_arg(p)
     a = p.parse_args()
     set_threads(a.threads)
@@ -81,19 +82,20 @@ def main():
     prompts = [data.encode_prompt(tok, ex) for ex in examples]
     batches = [prompts[i:i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "autocast")
-    ours = load_model(a.model, dtype=dtype).eval()
-    hf = LlamaForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").eval()
+    device = torch.device(a.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "autocast")
+    ours = load_model(a.model, device=device, dtype=dtype).eval()
+    hf = LlamaForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     hf.generation_config.eos_token_id = None  # else it falls back to the model's own eos
     eos = tok.eos_id if a.eos else None
     runs = {"ours": lambda: run_ours(ours, batches, a.max_new_tokens, eos if a.eos else -1, tok.pad_id),
             "hf": lambda: run_hf(hf, batches, a.max_new_tokens, eos, tok.pad_id)}
     runs = {k: (lambda fn=fn: autocast_run(autocast, fn)) for k, fn in runs.items()}
-    print(f"{a.model}: {ours.num_params() / 1e6:.1f}M params {a.dtype}, torch {torch.__version__}, "
+    print(f"{a.model}: {ours.num_params() / 1e6:.1f}M params {a.dtype} on {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {len(prompts)} {a.task} prompts ({min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens) in batches of {a.batch_size}, {a.max_new_tokens} new tokens, "
           f"eos {'on' if a.eos else 'off'}")
-    print("other processes share this CPU: the two alternate and medians are compared")
+    print("the two alternate, so load from other processes hits both; medians are compared")
     outs, times = {}, {k: [] for k in runs}
     for k, fn in runs.items():  # warm-up, untimed
         outs[k] = fn()
