@@ -16,30 +16,44 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import UserError, atomic_write_text, generate, load_model, run_cli
+from model import KVCache, UserError, atomic_write_text, generate, load_model, run_cli
 
 @torch.no_grad()
 def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dtype: str = "fp32") -> torch.Tensor:
-    """(n_examples, n_labels) summed log-probability of each label's answer tokens after the prompt."""
+    """(n_examples, n_labels) summed log-probability of each label's answer tokens after the prompt.
+    The prompt runs once for all labels: its last position scores every label's first token, and a label of
+    several tokens continues from the prompt's KV cache (each label overwrites the previous one's slots)."""
     device = model.model.embed_tokens.weight.device
     label_ids = [tok.encode(data.format_answer("pubmedqa", lab)) for lab in labels]
+    longest = max(len(lab) for lab in label_ids)
     scores = torch.zeros(len(examples), len(labels))
     prompts = [data.encode_prompt(tok, ex) for ex in examples]
-    for j, lab in enumerate(label_ids):
-        for i in range(0, len(prompts), batch_size):
-            seqs = [p + lab for p in prompts[i:i + batch_size]]
-            T = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
-            mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-            for r, s in enumerate(seqs):  # left padding puts every label at the same columns
-                ids[r, T - len(s):] = torch.tensor(s)
-                mask[r, T - len(s):] = True
-            ids, mask = ids.to(device), mask.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                h = model.hidden(ids, mask)[:, T - len(lab) - 1:T - 1]  # positions predicting the label tokens
-            logp = model.lm_logits(h).log_softmax(-1)  # (b, len(lab), V)
-            target = torch.tensor(lab, device=device).expand(len(seqs), -1)
-            scores[i:i + len(seqs), j] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        B, T = len(batch), max(len(p) for p in batch)
+        ids = torch.full((B, T), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        for r, p in enumerate(batch):  # left padding: every prompt ends at column T - 1
+            ids[r, T - len(p):] = torch.tensor(p)
+            mask[r, T - len(p):] = True
+        ids, mask = ids.to(device), mask.to(device)
+        cache = KVCache(model.args, B, T + longest - 1, device, model.model.embed_tokens.weight.dtype) \
+            if longest > 1 else None  # yes/no/maybe are one token each: no cache needed
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            h = model.hidden(ids, mask, cache=cache)[:, -1:]  # (B, 1, D), predicts each label's first token
+        first = model.lm_logits(h).log_softmax(-1)  # (B, 1, V)
+        next_pos = mask.sum(-1, keepdim=True)  # (B, 1) position of the first label token
+        for j, lab in enumerate(label_ids):
+            logp = first
+            if len(lab) > 1:
+                cache.pos = T
+                rest = torch.tensor(lab[:-1], device=device).expand(B, -1)
+                positions = next_pos + torch.arange(len(lab) - 1, device=device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    h = model.hidden(rest, position_ids=positions, cache=cache)  # (B, len(lab) - 1, D)
+                logp = torch.cat([first, model.lm_logits(h).log_softmax(-1)], 1)  # (B, len(lab), V)
+            target = torch.tensor(lab, device=device).expand(B, -1)
+            scores[i:i + B, j] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()
     return scores
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import data
 import evaluate
 import sft
-from model import UserError, load_model
+from model import UserError, load_model, save_model
 
 ROOT = sft.Path(sft.__file__).resolve().parent
 
@@ -117,20 +117,32 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_pubmedqa_scoring_matches_transformers(tiny_model_dir):
+@pytest.mark.parametrize("answers", [None, {"yes": "yes, it does", "no": "no", "maybe": "maybe not at all"}])
+def test_pubmedqa_scoring_matches_transformers(tiny_model_dir, tmp_path, monkeypatch, answers):
+    """Each label's summed log-prob equals transformers' on prompt + label. The real labels are one token each;
+    the second case makes two of them several tokens long, so they continue from the prompt's KV cache."""
+    if answers is not None:
+        monkeypatch.setattr(data, "format_answer", lambda task, gold: answers[gold])
     tok = data.load_tokenizer(tiny_model_dir)
     examples = data.load_examples("pubmedqa", "val", limit=3)
     model = load_model(tiny_model_dir)
+    with torch.no_grad():  # weights ~ N(0, 0.5): peaked, position-sensitive outputs (at 0.02 they are near uniform)
+        for p in model.parameters():
+            p.mul_(25 if p.dim() >= 2 else 1)
+    save_model(model, tmp_path / "sharp")
     ours = evaluate.label_logprobs(model, tok, examples, list(data.PUBMEDQA_LABELS), batch_size=2)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "sharp").eval()
+    lengths = set()
     for i, ex in enumerate(examples):
         prompt = data.encode_prompt(tok, ex)
         for j, lab in enumerate(data.PUBMEDQA_LABELS):
             ids = tok.encode(data.format_answer("pubmedqa", lab))
+            lengths.add(len(ids))
             with torch.no_grad():
                 logp = hf(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
             ref = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(ids))
             assert abs(float(ours[i, j]) - ref) < 1e-3
+    assert (lengths == {1}) == (answers is None)
 
 
 def test_evaluate_cli_writes_metrics_and_predictions(tiny_model_dir, tmp_path):
