@@ -1,9 +1,10 @@
 """The paper's comparison on one task, end to end, with a report (arXiv 2601.10114, Sec. 4).
 
-    python experiment.py                                   # ncbi_disease, 1 seed, cpu preset (about an hour)
+    python experiment.py                                   # ncbi_disease, 1 seed, cpu preset (about 70 minutes)
     python experiment.py --task pubmedqa --seeds 3         # three students per variant, one teacher
     python experiment.py --preset gpu --task ncbi_disease  # the paper's sizes
     python experiment.py --quick                           # tiny random models, whole pipeline in ~1 minute
+    python experiment.py --variants scd_aw_from_sft,td_from_sft   # distil the SFT student instead of the base one
 
 Stages, each skipped when its output is already complete (and resumed when it was interrupted):
   1. teacher SFT with checkpoint dumps (once per task)        sft.py --role teacher
@@ -15,6 +16,7 @@ Stages, each skipped when its output is already complete (and resumed when it wa
        SCD     checkpoint chosen by Metric 1 + Metric 2, fixed alpha
        AW      the final teacher only, adaptive weights   (the paper never ran this one)
        SCD+AW  both
+     each from the base student; `--variants scd_aw_from_sft,td_from_sft` starts from the seed's SFT student
   5. test-split evaluation of the teacher, the base and SFT students and every variant
 Then OUT/TASK/results.md (+ results.json, schedule.png) with mean ± std over seeds, wall time per stage, the SFS/TFS
 shares and how each variant moved the student's loss on each side.
@@ -47,6 +49,8 @@ VARIANTS = {  # name -> (label, distill.py flags)
     "aw_only": ("AW only", ["--schedule", "td", "--td-ckpt", "final", "--aw"]),
     "scd_aw": ("SCD+AW", ["--schedule", "scd", "--aw"]),
 }
+DEFAULT_VARIANTS = list(VARIANTS)  # each distils the base student; NAME_from_sft starts from the SFT student
+VARIANTS.update({f"{k}_from_sft": (f"{label} from SFT", flags) for k, (label, flags) in VARIANTS.items()})
 PRESETS = {
     # flags for every training script, the test examples scored, and a generation cap for NER evaluation
     "cpu": dict(train=["--preset", "cpu"], test_size=200, minutes=70),
@@ -134,7 +138,7 @@ def plot_schedule(root: Path, seed: int, png: Path) -> str:
         return "matplotlib is not installed, so there is no schedule plot (pip install matplotlib)."
     fig, ax = plt.subplots(figsize=(7, 4))
     ax2 = ax.twinx()
-    for name, style in (("scd", "o-"), ("cd", "s--"), ("scd_aw", "^:")):
+    for name, style in (("scd", "o-"), ("cd", "s--"), ("scd_aw", "^:"), ("scd_aw_from_sft", "v-.")):
         path = root / f"{name}_s{seed}" / "schedule.jsonl"
         if not path.exists():
             continue
@@ -192,7 +196,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
             lines.append(f"| {label} | {fmt(s['sfs'])} | {fmt(d['sfs'])} | {fmt(s['tfs'])} | {fmt(d['tfs'])} |")
     lines += ["", "## Schedule", ""]
     lines += [note] if note else ["![teacher checkpoint per stage](schedule.png)"]
-    for name in ("scd", "cd", "scd_aw"):
+    for name in ("scd", "cd", "scd_aw", "scd_from_sft", "cd_from_sft", "scd_aw_from_sft"):
         path = root / f"{name}_s{seeds[0]}" / "schedule.jsonl"
         if path.exists():
             chosen = [json.loads(line)["chosen"] for line in path.read_text().splitlines() if line.strip()]
@@ -213,7 +217,9 @@ def main(argv=None):
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="sizes of every stage")
     p.add_argument("--quick", action="store_true", help="tiny random models with the real tokenizer and data: "
                                                         "the whole pipeline in about a minute (smoke test)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated, from " + ",".join(DEFAULT_VARIANTS) + "; add _from_sft to a name to "
+                        "start that distillation from the seed's SFT student instead of the base student")
     p.add_argument("--out", default="runs/experiment", help="root dir; everything goes to OUT/TASK/")
     p.add_argument("--models", default="models", help="dir with teacher/ and student/ (made by prepare.py)")
     p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files")
@@ -307,7 +313,8 @@ def main(argv=None):
             if flags is not None:
                 timer.run(f"distill {variant} s{seed}", distill.main, [
                     *VARIANTS[variant][1], "--teacher", str(teacher_run), "--student-sft", str(student_run),
-                    "--init", str(models / "student"), "--aw-table", str(aw_dir / "losses.safetensors"),
+                    "--init", str(student_final if variant.endswith("_from_sft") else models / "student"),
+                    "--aw-table", str(aw_dir / "losses.safetensors"),
                     "--variant", variant, "--out", str(out), "--eval-size", str(test_size),
                     "--probe-cache", str(root / "probe_cache"), *s_common,
                     *(QUICK_DISTILL if args.quick else []), *flags])
