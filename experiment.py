@@ -128,7 +128,7 @@ def side_losses(model_dir: Path, split: dict, items_by_id: dict, pad_id: int, de
     return out
 
 
-def plot_schedule(root: Path, seed: int, png: Path) -> str:
+def plot_schedule(root: Path, seed: int, variants: list[str], png: Path) -> str:
     """Chosen teacher checkpoint per stage for SCD and CD, with SCD's Metric 2 of its choice. Returns a note."""
     try:
         import matplotlib
@@ -136,11 +136,14 @@ def plot_schedule(root: Path, seed: int, png: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed, so there is no schedule plot (pip install matplotlib)."
+    if not any(name in variants for name in ("scd", "cd", "scd_aw", "scd_aw_from_sft")):
+        png.unlink(missing_ok=True)  # a plot from an earlier invocation would describe runs this report omits
+        return "No SCD or CD variant is in this report, so there is no schedule to plot."
     fig, ax = plt.subplots(figsize=(7, 4))
     ax2 = ax.twinx()
     for name, style in (("scd", "o-"), ("cd", "s--"), ("scd_aw", "^:"), ("scd_aw_from_sft", "v-.")):
         path = root / f"{name}_s{seed}" / "schedule.jsonl"
-        if not path.exists():
+        if name not in variants or not path.exists():
             continue
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         ax.plot([r["stage"] for r in rows], [r["chosen"] for r in rows], style, label=f"{VARIANTS[name][0]} choice")
@@ -198,7 +201,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
     lines += [note] if note else ["![teacher checkpoint per stage](schedule.png)"]
     for name in ("scd", "cd", "scd_aw", "scd_from_sft", "cd_from_sft", "scd_aw_from_sft"):
         path = root / f"{name}_s{seeds[0]}" / "schedule.jsonl"
-        if path.exists():
+        if name in args.variants and path.exists():
             chosen = [json.loads(line)["chosen"] for line in path.read_text().splitlines() if line.strip()]
             lines.append(f"- {VARIANTS[name][0]}: checkpoints {chosen}")
     atomic_write_text(root / "results.md", "\n".join(lines) + "\n")
@@ -340,7 +343,7 @@ def main(argv=None):
                 sides[key] = side_losses(model_dir, split, items, tok.pad_id, device, args.dtype)
                 atomic_write_text(sides_path, json.dumps(sides, indent=2) + "\n")
 
-    note = plot_schedule(root, seeds[0], root / "schedule.png")
+    note = plot_schedule(root, seeds[0], args.variants, root / "schedule.png")
     write_report(root, args, seeds, results, timer.times, sides, split, note, command)
     print((root / "results.md").read_text())
 

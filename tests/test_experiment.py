@@ -46,3 +46,4 @@ def test_quick_experiment_report(tmp_path, models_dir):
     assert set(after) - set(before) == {"distill scd_aw_from_sft s0"}
     md = (root / "results.md").read_text()
     assert "| SCD+AW from SFT |" in md and "| SCD+AW |" in md and "| TD |" not in md
+    assert "- SCD+AW from SFT: checkpoints" in md and "- CD: checkpoints" not in md  # only this report's runs
