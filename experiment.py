@@ -51,6 +51,9 @@ VARIANTS = {  # name -> (label, distill.py flags)
 }
 DEFAULT_VARIANTS = list(VARIANTS)  # each distils the base student; NAME_from_sft starts from the SFT student
 VARIANTS.update({f"{k}_from_sft": (f"{label} from SFT", flags) for k, (label, flags) in VARIANTS.items()})
+# variants whose teacher changes by stage -> their line style in the schedule plot
+SCHEDULED = {"scd": "o-", "cd": "s--", "scd_aw": "^:",
+             "scd_from_sft": "o-.", "cd_from_sft": "s-.", "scd_aw_from_sft": "v-."}
 PRESETS = {
     # flags for every training script, the test examples scored, and a generation cap for NER evaluation
     "cpu": dict(train=["--preset", "cpu"], test_size=200, minutes=70),
@@ -136,12 +139,12 @@ def plot_schedule(root: Path, seed: int, variants: list[str], png: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed, so there is no schedule plot (pip install matplotlib)."
-    if not any(name in variants for name in ("scd", "cd", "scd_aw", "scd_aw_from_sft")):
+    if not any(name in variants for name in SCHEDULED):
         png.unlink(missing_ok=True)  # a plot from an earlier invocation would describe runs this report omits
         return "No SCD or CD variant is in this report, so there is no schedule to plot."
     fig, ax = plt.subplots(figsize=(7, 4))
     ax2 = ax.twinx()
-    for name, style in (("scd", "o-"), ("cd", "s--"), ("scd_aw", "^:"), ("scd_aw_from_sft", "v-.")):
+    for name, style in SCHEDULED.items():
         path = root / f"{name}_s{seed}" / "schedule.jsonl"
         if name not in variants or not path.exists():
             continue
@@ -199,7 +202,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
             lines.append(f"| {label} | {fmt(s['sfs'])} | {fmt(d['sfs'])} | {fmt(s['tfs'])} | {fmt(d['tfs'])} |")
     lines += ["", "## Schedule", ""]
     lines += [note] if note else ["![teacher checkpoint per stage](schedule.png)"]
-    for name in ("scd", "cd", "scd_aw", "scd_from_sft", "cd_from_sft", "scd_aw_from_sft"):
+    for name in SCHEDULED:
         path = root / f"{name}_s{seeds[0]}" / "schedule.jsonl"
         if name in args.variants and path.exists():
             chosen = [json.loads(line)["chosen"] for line in path.read_text().splitlines() if line.strip()]
