@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import KVCache, UserError, atomic_write_text, generate, load_model, run_cli
+from model import KVCache, UserError, atomic_write_text, generate, left_pad, load_model, run_cli
 
 @torch.no_grad()
 def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dtype: str = "fp32") -> torch.Tensor:
@@ -30,13 +30,8 @@ def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dty
     prompts = [data.encode_prompt(tok, ex) for ex in examples]
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
-        B, T = len(batch), max(len(p) for p in batch)
-        ids = torch.full((B, T), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        for r, p in enumerate(batch):  # left padding: every prompt ends at column T - 1
-            ids[r, T - len(p):] = torch.tensor(p)
-            mask[r, T - len(p):] = True
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_pad(batch, tok.pad_id, device)  # every prompt ends at column T - 1
+        B, T = ids.shape
         cache = KVCache(model.args, B, T + longest - 1, device, model.model.embed_tokens.weight.dtype) \
             if longest > 1 else None  # yes/no/maybe are one token each: no cache needed
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):

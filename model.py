@@ -422,6 +422,17 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, T) and bool attention mask (B, T), padded on the left so every prompt ends at T - 1."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, generator=None) -> list[list[int]]:
@@ -429,12 +440,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     stopped at (and without) the first eos. `eos_id` is an int or a collection of ints (Llama-3 has several)."""
     device = model.model.embed_tokens.weight.device
     eos = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)), device=device)
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = True
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, T = ids.shape
     cache = KVCache(model.args, B, T + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
     h = model.hidden(ids, mask, cache=cache)[:, -1]  # only the last position's logits are needed
     pos = mask.sum(-1, keepdim=True)  # (B, 1) position of the next token

@@ -23,17 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
-from model import generate, load_model, run_cli  # noqa: E402
-
-
-def left_pad(prompts, pad_id):
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        mask[i, T - len(p):] = 1
-    return ids, mask
+from model import generate, left_pad, load_model, run_cli  # noqa: E402
 
 
 def autocast_run(autocast, fn):
@@ -49,7 +39,8 @@ def run_ours(model, batches, n_new, eos_id, pad_id):
 def run_hf(model, batches, n_new, eos_id, pad_id):
     outs = []
     for b in batches:
-        ids, mask = (t.to(model.device) for t in left_pad(b, pad_id))
+        ids, mask = left_pad(b, pad_id, model.device)
+        mask = mask.long()  # transformers' usual mask dtype
         new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
                              use_cache=True, eos_token_id=eos_id, pad_token_id=pad_id)[:, ids.shape[1]:]
         for row in new.tolist():  # cut at the first eos, as ours does
