@@ -349,6 +349,7 @@ def main(argv=None):
 def distill(args) -> Path:
     """The staged loop, top to bottom. Returns out/final."""
     device = sft.resolve_device(args.device)
+    args.dtype = sft.resolve_dtype(args.dtype, device)
     index = sft.read_checkpoint_index(args.teacher)  # refuses a run dir without complete checkpoints
     n_usable = 1 if args.schedule == "td" else len(index["steps"])
     if args.distinct and args.stages > n_usable:

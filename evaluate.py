@@ -123,15 +123,17 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward/generation batch")
     p.add_argument("--max-new-tokens", type=int, default=0, help="generation length cap (0 = the task's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast or fp32")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="fp32, bf16 autocast, or auto (bf16 where the hardware has bf16 matmuls)")
     p.add_argument("--out", default=None, help="metrics JSON path (default MODEL/eval_TASK_SPLIT.json); "
                                                "predictions go beside it as .predictions.jsonl")
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.max_new_tokens < 0 or args.limit < 0:
         raise UserError("--batch-size must be positive, --max-new-tokens and --limit >= 0")
-    from sft import resolve_device
+    from sft import resolve_device, resolve_dtype
+    device = resolve_device(args.device)
     metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, args.data, args.limit,
-                           args.batch_size, args.max_new_tokens, resolve_device(args.device), args.dtype, args.out)
+                           args.batch_size, args.max_new_tokens, device, resolve_dtype(args.dtype, device), args.out)
     print(json.dumps(metrics, indent=2))
 
 

@@ -247,7 +247,7 @@ def main(argv=None):
     test_size = preset["test_size"] if args.test_size is None else args.test_size
     sizes = QUICK_SIZES if args.quick else {k: sft.PRESETS[args.preset][k] for k in QUICK_SIZES}
     device = sft.resolve_device(args.device)
-    args.dtype = "fp32" if args.quick else "bf16"  # as sft.py's presets
+    args.dtype = "fp32" if args.quick else sft.resolve_dtype("auto", device)  # as sft.py's presets
     seeds = list(range(args.seeds))
     command = shlex.join(["python", "experiment.py", *(sys.argv[1:] if argv is None else argv)])
 

@@ -47,7 +47,21 @@ def test_end_to_end_checkpoints(tiny_model_dir, tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 16 and all(r["tok_per_s"] > 0 for r in rows if "loss" in r)
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])  # it learns: from ln(V) = 10.8, the last epoch is clearly lower
-    assert json.loads((out / "config.json").read_text())["role"] == "teacher"
+    config = json.loads((out / "config.json").read_text())
+    assert config["role"] == "teacher"
+    assert config["dtype"] == ("bf16" if sft.fast_bf16(torch.device("cpu")) else "fp32")  # the preset's auto, resolved
+
+
+def test_dtype_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):  # no bf16 matmul kernels
+        assert not sft.fast_bf16(cpu)
+    for fast, auto in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(sft, "fast_bf16", lambda device: fast)
+        assert sft.resolve_dtype("auto", cpu) == auto
+        assert sft.resolve_dtype("fp32", cpu) == "fp32"
+        assert sft.resolve_dtype("bf16", cpu) == "bf16"  # kept as asked, with a warning where it is slow
+        assert ("no bf16 matmul kernels" in capsys.readouterr().err) == (not fast)
 
 
 def test_grad_accum_does_not_change_the_gradient(tiny_model_dir):
