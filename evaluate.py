@@ -41,7 +41,7 @@ def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dty
         for j, lab in enumerate(label_ids):
             logp = first
             if len(lab) > 1:
-                cache.pos = T
+                cache.pos.fill_(T)  # every label overwrites the slots after the prompt
                 rest = torch.tensor(lab[:-1], device=device).expand(B, -1)
                 positions = next_pos + torch.arange(len(lab) - 1, device=device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):

@@ -151,7 +151,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for every layer plus which slots hold real (non-pad) tokens."""
+    """Preallocated keys/values for every layer, which slots hold real (non-pad) tokens, and how many slots each row
+    has filled. Rows may fill at different rates: speculative decoding keeps a different number of tokens per row,
+    and a row's stale slots past `pos` are overwritten by its next tokens."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__()
@@ -159,13 +161,22 @@ class KVCache(nn.Module):
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.pos = 0  # slots filled so far
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row: slots filled so far
+        self.slots, self.end = None, 0  # set by Transformer.hidden for the pass in flight: (B, T) slots, max + 1
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[2]
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+        idx = self.slots[:, None, :, None].expand_as(k)  # k, v (B, Hkv, T, hd) go to their rows' own slots
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+        return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
+
+    def keep(self, rows: torch.Tensor):
+        """Drop every batch row not in `rows` (finished sequences), copying only the slots filled so far."""
+        S = int(self.pos.max())
+        k = self.k.new_zeros(self.k.shape[0], len(rows), *self.k.shape[2:])
+        v = torch.zeros_like(k)
+        k[:, :, :, :S], v[:, :, :, :S] = self.k[:, rows, :, :S], self.v[:, rows, :, :S]
+        self.k, self.v, self.valid, self.pos = k, v, self.valid[rows], self.pos[rows]
 
 
 class Attention(nn.Module):
@@ -272,25 +283,27 @@ class Transformer(nn.Module):
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Final-normed hidden states (B, T, D). attention_mask (B, T): 1 for real tokens, left or right padding."""
         B, T = input_ids.shape
-        start = cache.pos if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            else:  # count only real tokens, so left padding does not shift positions
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask = None
         if cache is not None:
-            cache.valid[:, start:start + T] = True if attention_mask is None else attention_mask.bool()
-            S = start + T
-            q_pos = torch.arange(start, S, device=input_ids.device)[:, None]
-            k_pos = torch.arange(S, device=input_ids.device)[None, :]
-            # a query sees earlier real tokens and always itself (so all-pad rows do not give NaN)
-            mask = ((k_pos <= q_pos) & cache.valid[:, None, :S]) | (k_pos == q_pos)
+            slots = cache.pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T) each new token's slot
+            if position_ids is None and attention_mask is None:
+                position_ids = slots
+            real = torch.ones_like(slots, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            cache.valid.scatter_(1, slots, real)
+            cache.slots, cache.end = slots, int(slots.max()) + 1
+            k_slot = torch.arange(cache.end, device=input_ids.device)
+            # a query sees the real tokens up to its own slot, and always itself (so all-pad rows do not give NaN)
+            mask = ((k_slot <= slots[..., None]) & cache.valid[:, None, :cache.end]) | (k_slot == slots[..., None])
             mask = mask[:, None]  # (B, 1, T, S)
         elif attention_mask is not None and not is_right_padded(attention_mask):
             m = attention_mask.bool()
             causal = torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
             mask = ((causal & m[:, None, :]) | torch.eye(T, dtype=torch.bool, device=m.device))[:, None]
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            else:  # count only real tokens, so left padding does not shift positions
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cos, sin = self.rope_table(int(position_ids.max()) + 1)
         dtype = self.model.embed_tokens.weight.dtype
         cos = cos[position_ids].to(dtype)[:, None]  # (B, 1, T, hd)
@@ -300,7 +313,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.pos += T
+            cache.pos = cache.pos + T
         return self.model.norm(x)
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -433,33 +446,84 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
+def lookup_guesses(seq: torch.Tensor, length: torch.Tensor, first: torch.Tensor, k: int, ngram: int,
+                   fill: int) -> tuple[torch.Tensor, int]:
+    """Prompt lookup: for each row of seq (b, L), whose real tokens are columns first..length-1, guess the k tokens
+    that followed the earliest occurrence of its last n tokens, for the longest n <= ngram that occurs before them.
+    Returns guesses (b, w), `fill` where a row has none, and w <= k: as wide as the longest guess, 0 if none."""
+    b, L = seq.shape
+    guesses, width = seq.new_full((b, k), fill), seq.new_zeros(b)
+    cols = torch.arange(L, device=seq.device)
+    for n in range(ngram, 0, -1):
+        if L < n + 1:
+            continue
+        tail = seq.gather(1, (length[:, None] - n + cols[:n]).clamp(min=0))  # (b, n) each row's last n tokens
+        hit = (seq.unfold(1, n, 1) == tail[:, None]).all(-1)  # (b, L - n + 1): window i is seq[:, i:i+n]
+        start = cols[:L - n + 1]
+        hit &= (start >= first[:, None]) & (start + n < length[:, None])  # real, and ends before the last token
+        at = torch.where(hit, start, L).min(-1).values  # the earliest occurrence (the most tokens follow it), L if none
+        use = (at < L) & (width == 0)
+        src = at[:, None] + n + cols[:k]  # (b, k) the columns that followed it
+        got = (src < length[:, None]) & use[:, None]
+        guesses = torch.where(got, seq.gather(1, src.clamp(max=L - 1)), guesses)
+        width = torch.where(use, got.sum(-1), width)
+    return guesses[:, :int(width.max())], int(width.max())
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_id: int = 0,
-             temperature: float = 0.0, top_p: float = 1.0, generator=None) -> list[list[int]]:
+             temperature: float = 0.0, top_p: float = 1.0, generator=None, lookahead: int = 0,
+             ngram: int = 3) -> list[list[int]]:
     """Batched generation with a KV cache. Prompts are left-padded; returns the new tokens of each prompt,
-    stopped at (and without) the first eos. `eos_id` is an int or a collection of ints (Llama-3 has several)."""
+    stopped at (and without) the first eos. `eos_id` is an int or a collection of ints (Llama-3 has several).
+    A row that stops leaves the batch, so the rows still running are not slowed by finished ones.
+
+    Greedy decoding (temperature 0) with lookahead > 0 checks up to `lookahead` guessed tokens per forward pass
+    (prompt lookup decoding): a row guesses the tokens that followed the earliest occurrence of its last
+    `ngram` (or fewer) tokens, in its prompt or its own output. One pass scores the row's last token and its guesses;
+    the row keeps the guesses that equal its own greedy choices, plus the choice after them. So the output is the
+    one-token-at-a-time output (up to the float rounding of a different matmul shape), in fewer passes when the
+    answer copies the prompt, as NER answers copy mentions from the sentence."""
     device = model.model.embed_tokens.weight.device
     eos = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)), device=device)
     ids, mask = left_pad(prompts, pad_id, device)
     B, T = ids.shape
-    cache = KVCache(model.args, B, T + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
-    h = model.hidden(ids, mask, cache=cache)[:, -1]  # only the last position's logits are needed
-    pos = mask.sum(-1, keepdim=True)  # (B, 1) position of the next token
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
-    for i in range(max_new_tokens):
-        nxt = sample_next(model.lm_logits(h), temperature, top_p, generator)
-        nxt = torch.where(done, pad_id, nxt)
-        out.append(nxt)
-        done |= torch.isin(nxt, eos)
-        if done.all() or i == max_new_tokens - 1:  # no forward pass for a token nobody will read
-            break
-        h = model.hidden(nxt[:, None], position_ids=pos, cache=cache)[:, -1]
-        pos = pos + 1
-    result = []
-    for row in (torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]):
-        stop = next((j for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
-        result.append(row[:stop])
+    k = lookahead if temperature <= 0 else 0
+    cache = KVCache(model.args, B, T + max_new_tokens + k, device, model.model.embed_tokens.weight.dtype)
+    seq = torch.cat([ids, ids.new_full((B, max_new_tokens + k + 1), pad_id)], 1)  # per row: prompt, then output
+    first = T - mask.sum(-1)  # (B,) column of each prompt's first real token
+    n = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated per row
+    rows = torch.arange(B, device=device)  # the prompt each batch row belongs to
+    result = [[] for _ in range(B)]
+    h = model.hidden(ids, mask, cache=cache)[:, -1:]  # (B, 1, D): only the last position's logits are needed
+    guesses = seq[:, :0]  # none for the first token
+    while max_new_tokens > 0:
+        b, m = h.shape[:2]  # rows still running, positions scored per row (1 + guesses)
+        choice = sample_next(model.lm_logits(h).flatten(0, 1), temperature, top_p, generator).view(b, m)
+        agree = (guesses == choice[:, :-1]).long().cumprod(-1)  # a guess counts only if all before it did
+        n_new = 1 + agree.sum(-1)  # (b,) accepted guesses (each equals the choice there) plus the next choice
+        j = torch.arange(m, device=device)
+        is_eos = torch.isin(choice, eos) & (j < n_new[:, None])
+        n_new = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, n_new)  # stop at the first eos
+        n_new = torch.minimum(n_new, max_new_tokens - n)
+        seq.scatter_(1, T + n[:, None] + j, choice)  # columns past n + n_new are overwritten later or never read
+        n = n + n_new
+        stopped = (is_eos & (j < n_new[:, None])).any(-1)
+        done = stopped | (n >= max_new_tokens)
+        if done.any():
+            for r in done.nonzero().flatten().tolist():
+                result[int(rows[r])] = seq[r, T:T + n[r] - int(stopped[r])].tolist()
+            if done.all():
+                break
+            keep = (~done).nonzero().flatten()
+            cache.keep(keep)
+            seq, first, n, rows = seq[keep], first[keep], n[keep], rows[keep]
+        # feed each row's last token and its guesses; the cache rolls back to the tokens kept
+        cache.pos = T + n - 1
+        guesses, w = lookup_guesses(seq, T + n, first, k, ngram, pad_id) if k else (seq[:, :0], 0)
+        last = seq.gather(1, (T + n - 1)[:, None])
+        pos = (T - first + n - 1)[:, None] + torch.arange(w + 1, device=device)
+        h = model.hidden(torch.cat([last, guesses], 1), position_ids=pos, cache=cache)
     return result
 
 # -----------------------------------------------------------------------------

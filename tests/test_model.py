@@ -135,27 +135,75 @@ def _saved(tmp_path, **overrides):
 
 
 def greedy_without_cache(model, prompt, n, eos):
+    eos = {eos} if isinstance(eos, int) else eos
     ids = list(prompt)
     for _ in range(n):
         with torch.no_grad():
             t = int(model(torch.tensor([ids]))[0, -1].argmax())
-        if t == eos:
+        if t in eos:
             break
         ids.append(t)
     return ids[len(prompt):]
 
 
 def test_kv_cache_generation_equals_full_forward(tmp_path):
-    model = load_model(_saved(tmp_path, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    # weights ~ N(0, 0.3): peaked, position-sensitive outputs (at 0.02 a position off by one still passes)
+    model = load_model(_saved(tmp_path, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.3)).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 4, 15)]
     eos = 5
     got = generate(model, prompts, max_new_tokens=12, eos_id=eos, pad_id=0)
     for p, out in zip(prompts, got):
         assert out == greedy_without_cache(model, p, 12, eos)
-    # one stopped early on eos in at least one case would be nice, but not guaranteed: check the stop rule directly
+    # one stopped early on eos in at least one case would be nice, but not guaranteed: check the stop rule directly.
+    # Row 0 stops at once and leaves the batch; the others must go on as before.
     stops = generate(model, prompts, max_new_tokens=12, eos_id={eos, got[0][0]}, pad_id=0)
     assert stops[0] == []
+    for p, out in zip(prompts[1:], stops[1:]):
+        assert out == greedy_without_cache(model, p, 12, {eos, got[0][0]})
+
+
+def count_passes(model):
+    calls = []
+    forward = model.hidden
+    model.hidden = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("init", [0.02, 0.3])
+def test_lookahead_generation_equals_one_token_at_a_time(tmp_path, init):
+    """Prompt lookup keeps only guesses equal to the greedy choice: the same tokens, in fewer forward passes where
+    the output repeats itself or the prompt (the N(0, 0.02) model falls into loops; N(0, 0.3) is position-sensitive)."""
+    model = load_model(_saved(tmp_path, num_key_value_heads=2, initializer_range=init)).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 4, 15, 6)]
+    prompts[1] = prompts[1] * 4  # a repetitive prompt: guesses from the prompt itself
+    plain = generate(model, prompts, max_new_tokens=20, eos_id=5, pad_id=0)
+    stop = {5, plain[3][3]}  # row 3 stops early, the others run on (rows leave the batch unevenly)
+    for eos in (5, stop):
+        want = [greedy_without_cache(model, p, 20, eos) for p in prompts]
+        calls = count_passes(model)
+        got = generate(model, prompts, max_new_tokens=20, eos_id=eos, pad_id=0, lookahead=4)
+        del model.hidden
+        assert got == want
+        if init == 0.02:  # one token at a time takes a pass per token: prefill, then one after each but the last
+            assert len(calls) < max(map(len, want))
+    assert len(want[3]) < 4 and max(map(len, want)) == 20  # with `stop`, rows left the batch at different steps
+
+
+def test_lookup_guesses():
+    from model import lookup_guesses
+    seq = torch.tensor([[1, 2, 3, 4, 1, 2],  # last 2-gram (1, 2) first at column 0: guess what followed
+                        [0, 0, 7, 8, 9, 7],  # left-padded; only the 1-gram (7) recurs
+                        [0, 5, 6, 7, 8, 9],  # nothing recurs: no guess
+                        [1, 2, 1, 9, 9, 9]])  # real length 3: guesses stop at the row's end
+    length, first = torch.tensor([6, 6, 6, 3]), torch.tensor([0, 2, 1, 0])
+    guesses, width = lookup_guesses(seq, length, first, k=3, ngram=2, fill=-1)
+    assert width == 3
+    assert guesses.tolist() == [[3, 4, 1], [8, 9, 7], [-1, -1, -1], [2, 1, -1]]
+    # padding before `first` never matches, even when it equals the row's last tokens
+    guesses, width = lookup_guesses(torch.tensor([[0, 0, 5, 0]]), torch.tensor([4]), torch.tensor([2]), 3, 2, -1)
+    assert width == 0 and guesses.shape == (1, 0)
 
 
 @pytest.mark.parametrize("n_kv_heads", [6, 2, 1])
