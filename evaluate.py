@@ -52,6 +52,9 @@ def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dty
     return scores
 
 
+LOOKAHEAD = 4  # prompt-lookup guesses per generation step: NER answers copy mentions from the sentence
+
+
 @torch.no_grad()
 def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int, dtype: str = "fp32",
                      progress: bool = False) -> list[str]:
@@ -63,7 +66,8 @@ def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int,
     for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
         idx = order[i:i + batch_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            outs = generate(model, [prompts[k] for k in idx], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+            outs = generate(model, [prompts[k] for k in idx], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            lookahead=LOOKAHEAD)
         for k, out in zip(idx, outs):
             answers[k] = tok.decode(out).strip()
     return answers
