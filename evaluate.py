@@ -52,7 +52,7 @@ def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dty
     return scores
 
 
-LOOKAHEAD = 4  # prompt-lookup guesses per generation step: NER answers copy mentions from the sentence
+LOOKAHEAD = 8  # prompt-lookup guesses per generation step (model.generate): outputs that copy or repeat need fewer
 
 
 @torch.no_grad()

@@ -166,8 +166,8 @@ class KVCache(nn.Module):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         idx = self.slots[:, None, :, None].expand_as(k)  # k, v (B, Hkv, T, hd) go to their rows' own slots
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
+        self.k[layer].scatter_(2, idx, k.to(self.k.dtype))  # bf16 under autocast, into the cache's own dtype
+        self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
         return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
 
     def keep(self, rows: torch.Tensor):
@@ -449,12 +449,14 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
 def lookup_guesses(seq: torch.Tensor, length: torch.Tensor, first: torch.Tensor, k: int, ngram: int,
                    fill: int) -> tuple[torch.Tensor, int]:
     """Prompt lookup: for each row of seq (b, L), whose real tokens are columns first..length-1, guess the k tokens
-    that followed the earliest occurrence of its last n tokens, for the longest n <= ngram that occurs before them.
+    that followed the earliest occurrence of its last n tokens, for the longest n in ngram..2 that occurs before
+    them. One token is too weak a cue: in NER answers it mostly guesses the sentence's next words, which cost a
+    wider pass and are rejected.
     Returns guesses (b, w), `fill` where a row has none, and w <= k: as wide as the longest guess, 0 if none."""
     b, L = seq.shape
     guesses, width = seq.new_full((b, k), fill), seq.new_zeros(b)
     cols = torch.arange(L, device=seq.device)
-    for n in range(ngram, 0, -1):
+    for n in range(ngram, 1, -1):
         if L < n + 1:
             continue
         tail = seq.gather(1, (length[:, None] - n + cols[:n]).clamp(min=0))  # (b, n) each row's last n tokens
@@ -480,7 +482,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     Greedy decoding (temperature 0) with lookahead > 0 checks up to `lookahead` guessed tokens per forward pass
     (prompt lookup decoding): a row guesses the tokens that followed the earliest occurrence of its last
-    `ngram` (or fewer) tokens, in its prompt or its own output. One pass scores the row's last token and its guesses;
+    `ngram` (down to 2) tokens, in its prompt or its own output. One pass scores the row's last token and its guesses;
     the row keeps the guesses that equal its own greedy choices, plus the choice after them. So the output is the
     one-token-at-a-time output (up to the float rounding of a different matmul shape), in fewer passes when the
     answer copies the prompt, as NER answers copy mentions from the sentence."""

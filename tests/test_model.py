@@ -194,15 +194,19 @@ def test_lookahead_generation_equals_one_token_at_a_time(tmp_path, init):
 def test_lookup_guesses():
     from model import lookup_guesses
     seq = torch.tensor([[1, 2, 3, 4, 1, 2],  # last 2-gram (1, 2) first at column 0: guess what followed
-                        [0, 0, 7, 8, 9, 7],  # left-padded; only the 1-gram (7) recurs
-                        [0, 5, 6, 7, 8, 9],  # nothing recurs: no guess
-                        [1, 2, 1, 9, 9, 9]])  # real length 3: guesses stop at the row's end
-    length, first = torch.tensor([6, 6, 6, 3]), torch.tensor([0, 2, 1, 0])
-    guesses, width = lookup_guesses(seq, length, first, k=3, ngram=2, fill=-1)
+                        [0, 7, 8, 9, 7, 8],  # left-padded; (7, 8) recurs
+                        [0, 5, 6, 7, 8, 5],  # only a single token recurs: too weak a cue, no guess
+                        [1, 2, 1, 2, 9, 9]])  # real length 4: guesses stop at the row's end
+    length, first = torch.tensor([6, 6, 6, 4]), torch.tensor([0, 1, 1, 0])
+    guesses, width = lookup_guesses(seq, length, first, k=3, ngram=3, fill=-1)
     assert width == 3
-    assert guesses.tolist() == [[3, 4, 1], [8, 9, 7], [-1, -1, -1], [2, 1, -1]]
+    assert guesses.tolist() == [[3, 4, 1], [9, 7, 8], [-1, -1, -1], [1, 2, -1]]
+    # the longest n-gram wins: (3, 1, 2) occurs only at column 2, where 5 follows; (1, 2) alone would point at 7
+    guesses, width = lookup_guesses(torch.tensor([[1, 2, 7, 3, 1, 2, 5, 3, 1, 2]]), torch.tensor([10]),
+                                    torch.tensor([0]), 2, 3, -1)
+    assert guesses.tolist() == [[5, 3]]
     # padding before `first` never matches, even when it equals the row's last tokens
-    guesses, width = lookup_guesses(torch.tensor([[0, 0, 5, 0]]), torch.tensor([4]), torch.tensor([2]), 3, 2, -1)
+    guesses, width = lookup_guesses(torch.tensor([[0, 0, 5, 0, 0]]), torch.tensor([5]), torch.tensor([2]), 3, 2, -1)
     assert width == 0 and guesses.shape == (1, 0)
 
 
@@ -322,3 +326,4 @@ def test_cli_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
