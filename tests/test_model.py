@@ -327,3 +327,18 @@ def test_cli_error_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
+
+def test_linear_few_rows_equals_f_linear():
+    """model.Linear computes decode-sized inputs as (W @ x.T).T: the same values, in the output shape of F.linear."""
+    from model import Linear
+    layer = Linear(64, 96, bias=False)
+    for shape in [(1, 1, 64), (2, 1, 64), (8, 5, 64), (48, 64), (3, 17, 64)]:  # rows 1, 2, 40, 48, 51
+        x = torch.randn(shape)
+        want = x @ layer.weight.T
+        with torch.no_grad():
+            got = layer(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 3, 64)
+    layer(x).sum().backward()  # with grad it is plain F.linear, which autograd knows
+    torch.testing.assert_close(layer.weight.grad, x.sum((0, 1))[None].expand(96, -1))
