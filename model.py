@@ -152,8 +152,8 @@ class RMSNorm(nn.Module):
 
 class KVCache(nn.Module):
     """Preallocated keys/values for every layer, which slots hold real (non-pad) tokens, and how many slots each row
-    has filled. Rows may fill at different rates: speculative decoding keeps a different number of tokens per row,
-    and a row's stale slots past `pos` are overwritten by its next tokens."""
+    has filled. Rows may fill at different rates: with prompt lookup (`generate`) each row keeps its own number of
+    tokens per pass, and a row's stale slots past `pos` are overwritten by its next tokens."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__()
@@ -181,8 +181,8 @@ class KVCache(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear that computes a few rows (decode steps) on the CPU as (W @ x.T).T. MKL's fp32 GEMM runs that shape
-    1.4-3x faster than x @ W.T for 2-48 rows on an AMD EPYC with 2 threads (the model's 210 weights plus its LM head:
-    bench/decode.py); from about 64 rows on the two are level. Same products, summed in another order."""
+    1.4-3x faster than x @ W.T for 2-48 rows on an AMD EPYC with 2 threads, over all of SmolLM2-135M's weights
+    (bench/linear_rows.py); from about 64 rows on the two are level. Same products, summed in another order."""
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
