@@ -482,7 +482,8 @@ def lookup_guesses(seq: torch.Tensor, length: torch.Tensor, first: torch.Tensor,
         got = (src < length[:, None]) & use[:, None]
         guesses = torch.where(got, seq.gather(1, src.clamp(max=L - 1)), guesses)
         width = torch.where(use, got.sum(-1), width)
-    return guesses[:, :int(width.max())], int(width.max())
+    w = int(width.max())
+    return guesses[:, :w], w
 
 
 @torch.no_grad()
