@@ -29,14 +29,17 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
 import distill
 import evaluate
+import heal
 import prepare
 import sft
 import weights
@@ -55,13 +58,17 @@ VARIANTS.update({f"{k}_from_sft": (f"{label} from SFT", flags) for k, (label, fl
 SCHEDULED = {"scd": "o-", "cd": "s--", "scd_aw": "^:",
              "scd_from_sft": "o-.", "cd_from_sft": "s-.", "scd_aw_from_sft": "v-."}
 PRESETS = {
-    # flags for every training script, the test examples scored, and a generation cap for NER evaluation
-    "cpu": dict(train=["--preset", "cpu"], test_size=200, minutes=70),
-    "gpu": dict(train=["--preset", "gpu"], test_size=0, minutes=0),
+    # flags for every training script, the test examples scored (0 = all), the distillation learning rates searched
+    # on TD (from the base student) and on TD from the SFT student, and the validation examples that choose them
+    "cpu": dict(train=["--preset", "cpu"], test_size=0, minutes=70, lr_grid="2e-4,5e-4,1e-3",
+                sft_lr_grid="5e-5,1e-4,2e-4", grid_val=200),
+    "gpu": dict(train=["--preset", "gpu"], test_size=0, minutes=0, lr_grid="1e-5,2e-5,5e-5",
+                sft_lr_grid="5e-6,1e-5,2e-5", grid_val=0),
     "quick": dict(train=["--preset", "cpu", "--train-size", "16", "--val-size", "4", "--max-len", "128",
                          "--batch-size", "4", "--epochs", "2", "--dtype", "fp32", "--eval-max-new-tokens", "8"],
-                  test_size=8, minutes=1),
+                  test_size=8, minutes=1, lr_grid="1e-3,3e-3", sft_lr_grid="1e-3", grid_val=4),
 }
+BOOTSTRAP = 2000  # paired resamples of the test examples
 QUICK_SIZES = {"train_size": 16, "max_len": 128}  # as in the quick flags above
 QUICK_DISTILL = ["--stages", "2", "--probe-size", "8", "--max-new-tokens", "8"]
 QUICK_TEACHER = ["--save-every", "2", "--lr", "3e-3"]
@@ -111,6 +118,80 @@ def test_eval(model_dir: Path, out: Path, args, test_size: int, device) -> dict:
 
 # -----------------------------------------------------------------------------
 # the report
+
+
+def prediction_rows(eval_json: Path, task: str) -> list[dict]:
+    """{"id", "gold", "pred"} per test example from evaluate.py's predictions file beside `eval_json`: the mentions
+    (or the label) exactly as the metric compares them."""
+    rows = [json.loads(line) for line in eval_json.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    return [{"id": r["id"], "gold": r["gold"], "pred": data.parse_answer(task, r["prediction"])} for r in rows]
+
+
+def example_counts(rows: list[dict]) -> np.ndarray:
+    """(n, 3) per test example: true positives, predicted and gold items. Entity F1 is prf of the column sums
+    (mentions matched as (mention, type) multisets, as data.entity_scores does); for a label task each example is
+    one item predicted and one gold, so F1 of the sums is the accuracy."""
+    out = np.zeros((len(rows), 3), dtype=np.int64)
+    for k, r in enumerate(rows):
+        if isinstance(r["gold"], list):
+            gold, pred = Counter(map(tuple, r["gold"])), Counter(map(tuple, r["pred"]))
+            out[k] = (sum((gold & pred).values()), sum(pred.values()), sum(gold.values()))
+        else:
+            out[k] = (r["pred"] == r["gold"], 1, 1)
+    return out
+
+
+def f1_of_sums(sums: np.ndarray) -> np.ndarray:
+    """data.prf's F1 over the last axis (tp, n_pred, n_gold), vectorised over resamples."""
+    tp, n_pred, n_gold = (sums[..., i].astype(float) for i in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(n_pred > 0, tp / n_pred, (n_gold == 0).astype(float))
+        r = np.where(n_gold > 0, tp / n_gold, (n_pred == 0).astype(float))
+        return np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+
+
+def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Difference in F1 (a − b) with a 95 % percentile interval, per seed and pooled over seeds.
+
+    a[s], b[s] are example_counts of the two models of seed s over the same test examples (b[s] may be one model
+    for every seed, the teacher say). Each resample draws n examples with replacement, the same draw for every seed
+    and both sides, and recomputes micro F1 from the resampled counts on both sides; the pooled difference is the
+    mean over seeds of the per-seed differences. The interval is the 2.5th and 97.5th percentile over resamples.
+    """
+    n = a[0].shape[0]
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    per_seed, draws = [], []
+    for ca, cb in zip(a, b):
+        d = f1_of_sums(ca[idx].sum(1)) - f1_of_sums(cb[idx].sum(1))  # (n_resamples,)
+        draws.append(d)
+        per_seed.append({"diff": float(f1_of_sums(ca.sum(0)) - f1_of_sums(cb.sum(0))),
+                         "lo": float(np.percentile(d, 2.5)), "hi": float(np.percentile(d, 97.5))})
+    pooled = np.mean(draws, 0)
+    return {"per_seed": per_seed, "diff": float(np.mean([p["diff"] for p in per_seed])),
+            "lo": float(np.percentile(pooled, 2.5)), "hi": float(np.percentile(pooled, 97.5))}
+
+
+def compare(root: Path, task: str, seeds: list[int], eval_files: dict, variants: list[str]) -> dict:
+    """Write root/predictions/<model>[_s<seed>].jsonl for every evaluated model, and bootstrap every distilled
+    variant (and the SFT student) against TD and against the SFT student, paired over the test examples."""
+    counts, ids = {}, None
+    for key, paths in eval_files.items():
+        counts[key] = []
+        for seed, path in zip(seeds, paths):
+            rows = prediction_rows(path, task)
+            if ids is None:
+                ids = [r["id"] for r in rows]
+            elif [r["id"] for r in rows] != ids:
+                raise UserError(f"{path}: scored other test examples than the other models; remove it to re-run")
+            name = key if len(paths) == 1 and key != "student_sft" and key not in variants else f"{key}_s{seed}"
+            atomic_write_text(root / "predictions" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            counts[key].append(example_counts(rows))
+    out = {}
+    for ref in ("td", "student_sft"):
+        for key in ["student_sft", *variants]:
+            if key != ref and len(counts.get(key, [])) == len(counts.get(ref, [])) == len(seeds):
+                out[f"{key} - {ref}"] = paired_bootstrap(counts[key], counts[ref])
+    return out
 
 
 def mean_std(values: list[float]) -> str:
@@ -183,6 +264,26 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
     for label, key in rows:
         vals = results["main"].get(key, [])
         lines.append(f"| {label} | {mean_std(vals)} | {', '.join(f'{v:.4f}' for v in vals)} |")
+    intervals = results.get("intervals", {})
+    if intervals:
+        lines += ["", f"## Paired bootstrap ({BOOTSTRAP} resamples of the {results.get('n_test', '?')} test examples)",
+                  "", "Each resample draws the test examples with replacement (the same draw for both models and every "
+                  "seed) and recomputes micro " + metric + " on both sides; the interval is the 2.5th-97.5th "
+                  "percentile of the difference. Pooled = the mean over seeds of the per-seed difference.", "",
+                  "| comparison | pooled difference [95 % interval] | per seed | beyond the interval? |",
+                  "|---|---|---|---|"]
+        names = {k: label for label, k in rows}
+        for pair, b in intervals.items():
+            a, ref = pair.split(" - ")
+            per = ", ".join(f"{p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" for p in b["per_seed"])
+            verdict = "yes, better" if b["lo"] > 0 else "yes, worse" if b["hi"] < 0 else "no"
+            lines.append(f"| {names.get(a, a)} − {names.get(ref, ref)} | {b['diff']:+.4f} [{b['lo']:+.4f}, "
+                         f"{b['hi']:+.4f}] | {per} | {verdict} |")
+    if results.get("lr_search"):
+        lines += ["", "## Learning-rate search (seed %d, validation %s)" % (seeds[0], metric), ""]
+        for start, r in results["lr_search"].items():
+            lines.append(f"- {VARIANTS[r['variant']][0]} ({r['n'] or 'all'} val examples): "
+                         + ", ".join(f"{lr}: {v:.4f}" for lr, v in r["scores"].items()) + f"; chosen {r['chosen']}")
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += ["", "## SFS / TFS (seed %d, teacher = final checkpoint)" % seeds[0], ""]
@@ -232,6 +333,10 @@ def main(argv=None):
     p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all; cpu preset 200)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of evaluation")
+    p.add_argument("--lr-grid", default=None, help="distillation learning rates tried on TD from the base student "
+                                                   "(seed 0, validation score); the best is used by every variant "
+                                                   "('' = the default lr, no search; default: the preset's)")
+    p.add_argument("--sft-lr-grid", default=None, help="the same for the variants started from the SFT student")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -245,6 +350,12 @@ def main(argv=None):
     if args.quick:
         args.preset = "quick"
     test_size = preset["test_size"] if args.test_size is None else args.test_size
+    for key in ("lr_grid", "sft_lr_grid"):
+        grid = preset[key] if getattr(args, key) is None else getattr(args, key)
+        try:
+            setattr(args, key, [f"{float(x):g}" for x in grid.split(",") if x.strip()])
+        except ValueError:
+            raise UserError(f"--{key.replace('_', '-')} {grid!r}: expected comma-separated learning rates") from None
     sizes = QUICK_SIZES if args.quick else {k: sft.PRESETS[args.preset][k] for k in QUICK_SIZES}
     device = sft.resolve_device(args.device)
     args.dtype = "fp32" if args.quick else sft.resolve_dtype("auto", device)  # as sft.py's presets
@@ -260,14 +371,19 @@ def main(argv=None):
             if not (root / "models" / name / "model.safetensors").exists():
                 prepare.build_tiny(root / "models" / name, models / "teacher", n_layers=layers, seed=layers)
         models = root / "models"
-    elif not (models / "teacher" / "config.json").exists() or not (models / "student" / "config.json").exists():
-        raise UserError(f"--models {models}: no teacher/ and student/ there; run python prepare.py first")
+    elif not (models / "teacher" / "config.json").exists():
+        raise UserError(f"--models {models}: no teacher/ there; run python prepare.py first")
     n_runs = 2 + len(seeds) * (2 + len(args.variants))
     print(f"experiment {args.task}: preset {args.preset}, seeds {seeds}, variants {args.variants}: {n_runs} runs; "
           + (f"expected about {preset['minutes'] * (1 + 0.7 * (len(seeds) - 1)):.0f} minutes on 2 CPU cores"
              if preset["minutes"] else "on a GPU, a few hours at the paper's sizes") + f" -> {root}")
 
     timer = Timer(root / "timings.json")
+    if not args.quick and not (models / "student" / "config.json").exists():  # the healed student, made once
+        heal_run = Path(args.out) / "heal"
+        flags = ["--resume"] if sft.latest_resumable(heal_run) else (["--overwrite"] if heal_run.exists() else [])
+        timer.run("heal student", heal.main, ["--teacher", str(models / "teacher"), "--export", str(models / "student"),
+                                              "--out", str(heal_run), "--device", str(device), *flags])
     common = [*preset["train"], "--task", args.task, "--device", str(device),
               *(["--data-dir", args.data_dir] if args.data_dir else [])]
     teacher_run = root / "teacher"
@@ -280,6 +396,7 @@ def main(argv=None):
     index = sft.read_checkpoint_index(teacher_run)
     results = {"main": {k: [] for k in ["teacher_base", "teacher", "student_base", "student_sft", *args.variants]}}
     evals = root / "evals"
+    eval_files = {k: [] for k in results["main"]}  # model -> its test eval JSON per seed
     teacher_final = teacher_run / sft.checkpoint_name(index["final"])
     for key, model_dir in (("teacher_base", models / "teacher"), ("teacher", teacher_final),
                            ("student_base", models / "student")):
@@ -287,8 +404,9 @@ def main(argv=None):
                       cached=evals / f"{key}.json")
         results["main"][key] = [m["main"]]
         results["n_test"] = m["n"]
+        eval_files[key] = [evals / f"{key}.json"]
 
-    sides, split = {}, None
+    sides, split, lr_search = {}, None, {}
     for seed in seeds:
         s_common = [*common, "--seed", str(seed)]
         student_run = root / f"student_s{seed}"
@@ -303,6 +421,7 @@ def main(argv=None):
         m = timer.run(f"eval student SFT s{seed}", test_eval, student_final, path, args, test_size, device,
                       cached=path)
         results["main"]["student_sft"].append(m["main"])
+        eval_files["student_sft"].append(path)
 
         aw_dir = root / f"weights_s{seed}"
         if not (aw_dir / "sfs_tfs.json").exists():
@@ -312,19 +431,35 @@ def main(argv=None):
                                                          "--train-size", str(sizes["train_size"]),
                                                          "--max-len", str(sizes["max_len"]),
                                                          "--dtype", args.dtype, "--device", str(device)])
-        for variant in args.variants:
-            out = root / f"{variant}_s{seed}"
-            done = (out / "final" / f"eval_{args.task}_test.json").exists()
+        def run_distill(variant: str, out: Path, name: str, *extra: str, split: str = "test",
+                        size: int = test_size) -> dict:
+            """One distill.py run (skipped when complete, resumed when interrupted); its final eval metrics."""
+            done = (out / "final" / f"eval_{args.task}_{split}.json").exists()
             flags = run_flags(out, done, (out / "resume").exists())
             if flags is not None:
-                timer.run(f"distill {variant} s{seed}", distill.main, [
+                timer.run(name, distill.main, [
                     *VARIANTS[variant][1], "--teacher", str(teacher_run), "--student-sft", str(student_run),
                     "--init", str(student_final if variant.endswith("_from_sft") else models / "student"),
-                    "--aw-table", str(aw_dir / "losses.safetensors"),
-                    "--variant", variant, "--out", str(out), "--eval-size", str(test_size),
-                    "--probe-cache", str(root / "probe_cache"), *s_common,
-                    *(QUICK_DISTILL if args.quick else []), *flags])
-            results["main"][variant].append(read_json(out / "final" / f"eval_{args.task}_test.json")["main"])
+                    "--aw-table", str(aw_dir / "losses.safetensors"), "--variant", variant, "--out", str(out),
+                    "--eval-split", split, "--eval-size", str(size), "--probe-cache", str(root / "probe_cache"),
+                    *s_common, *(QUICK_DISTILL if args.quick else []), *extra, *flags])
+            return read_json(out / "final" / f"eval_{args.task}_{split}.json")
+
+        if seed == seeds[0]:  # the paper's learning-rate search: on TD, by validation score, shared by all methods
+            for start, grid in (("base", args.lr_grid), ("sft", args.sft_lr_grid)):
+                if grid and (start == "base" or any(v.endswith("_from_sft") for v in args.variants)):
+                    td = "td" if start == "base" else "td_from_sft"
+                    scores = {lr: run_distill(td, root / f"lr_{td}_{lr}", f"lr search {td} {lr}", "--lr", lr,
+                                              split="val", size=preset["grid_val"])["main"] for lr in grid}
+                    lr_search[start] = {"variant": td, "split": "val", "n": preset["grid_val"], "scores": scores,
+                                        "chosen": max(grid, key=lambda lr: (scores[lr], -grid.index(lr)))}
+            atomic_write_text(root / "lr_search.json", json.dumps(lr_search, indent=2) + "\n")
+        for variant in args.variants:
+            start = "sft" if variant.endswith("_from_sft") else "base"
+            lr = ["--lr", lr_search[start]["chosen"]] if start in lr_search else []
+            m = run_distill(variant, root / f"{variant}_s{seed}", f"distill {variant} s{seed}", *lr)
+            results["main"][variant].append(m["main"])
+            eval_files[variant].append(root / f"{variant}_s{seed}" / "final" / f"eval_{args.task}_test.json")
 
         if seed == seeds[0]:  # the paper's theory, measured on the first seed: loss on SFS and TFS examples
             analysis = read_json(aw_dir / "sfs_tfs.json")
@@ -346,6 +481,8 @@ def main(argv=None):
                 sides[key] = side_losses(model_dir, split, items, tok.pad_id, device, args.dtype)
                 atomic_write_text(sides_path, json.dumps(sides, indent=2) + "\n")
 
+    results["intervals"] = compare(root, args.task, seeds, eval_files, args.variants)
+    results["lr_search"] = lr_search
     note = plot_schedule(root, seeds[0], args.variants, root / "schedule.png")
     write_report(root, args, seeds, results, timer.times, sides, split, note, command)
     print((root / "results.md").read_text())

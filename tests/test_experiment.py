@@ -3,6 +3,9 @@
 import json
 import math
 
+import numpy as np
+import pytest
+
 import experiment
 
 
@@ -43,7 +46,60 @@ def test_quick_experiment_report(tmp_path, models_dir):
     assert init == str(experiment.weights.student_sft_checkpoint(root / "student_s0"))
     assert json.loads((root / "scd_aw_s0" / "config.json").read_text())["init"].endswith("student")
     after = json.loads((root / "timings.json").read_text())
-    assert set(after) - set(before) == {"distill scd_aw_from_sft s0"}
+    # and the learning-rate search of the from-SFT start, which the first invocation had no variant for
+    assert set(after) - set(before) == {"distill scd_aw_from_sft s0", "lr search td_from_sft 0.001"}
     md = (root / "results.md").read_text()
     assert "| SCD+AW from SFT |" in md and "| SCD+AW |" in md and "| TD |" not in md
     assert "- SCD+AW from SFT: checkpoints" in md and "- CD: checkpoints" not in md  # only this report's runs
+    # every evaluated model's predictions, and the paired intervals against TD and the SFT student
+    preds = root / "predictions"
+    assert {p.name for p in preds.iterdir()} >= {"teacher.jsonl", "teacher_base.jsonl", "student_base.jsonl",
+                                                 "student_sft_s0.jsonl", "scd_aw_s0.jsonl", "td_s0.jsonl"}
+    line = json.loads((preds / "td_s0.jsonl").read_text().splitlines()[0])
+    assert set(line) == {"id", "gold", "pred"}
+    res = json.loads((root / "results.json").read_text())
+    b = res["intervals"]["scd_aw - student_sft"]  # this report has no TD to compare against
+    assert b["lo"] <= b["diff"] <= b["hi"] and len(b["per_seed"]) == 1 and "scd_aw - td" not in res["intervals"]
+    assert "## Paired bootstrap" in md and res["lr_search"]["base"]["chosen"] in ("0.001", "0.003")
+
+
+# -----------------------------------------------------------------------------
+# the paired bootstrap
+
+
+def ner_rows(golds, preds):
+    return [{"id": str(i), "gold": g, "pred": p} for i, (g, p) in enumerate(zip(golds, preds))]
+
+
+def test_example_counts_give_the_metrics_f1():
+    import data
+    golds = [[["fever", "Disease"]], [["flu", "Disease"], ["flu", "Disease"]], [], [["cancer", "Disease"]]]
+    preds = [[["fever", "Disease"]], [["flu", "Disease"]], [["cold", "Disease"]], []]
+    counts = experiment.example_counts(ner_rows(golds, preds))
+    # by hand: tp 1+1+0+0 = 2, predicted 1+1+1+0 = 3, gold 1+2+0+1 = 4 -> P 2/3, R 1/2, F1 4/7
+    assert counts.sum(0).tolist() == [2, 3, 4]
+    assert float(experiment.f1_of_sums(counts.sum(0))) == pytest.approx(4 / 7)
+    assert float(experiment.f1_of_sums(counts.sum(0))) == pytest.approx(data.entity_scores(golds, preds)["main"])
+    labels = [{"id": "a", "gold": "yes", "pred": "yes"}, {"id": "b", "gold": "no", "pred": "yes"}]
+    assert float(experiment.f1_of_sums(experiment.example_counts(labels).sum(0))) == 0.5  # accuracy
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    n = 300
+    golds = [[["m", "Disease"]] for _ in range(n)]
+    good = [g if rng.random() < 0.8 else [] for g in golds]  # recall 0.8
+    bad = [g if rng.random() < 0.4 else [] for g in golds]  # recall 0.4
+    a, b = experiment.example_counts(ner_rows(golds, good)), experiment.example_counts(ner_rows(golds, bad))
+    same = experiment.paired_bootstrap([a], [a], n_resamples=200)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0  # paired: a model against itself never differs
+    r = experiment.paired_bootstrap([a, b], [b, b], n_resamples=500)
+    f1 = lambda c: float(experiment.f1_of_sums(c.sum(0)))  # noqa: E731
+    assert r["per_seed"][0]["diff"] == pytest.approx(f1(a) - f1(b)) and r["per_seed"][1]["diff"] == 0.0
+    assert r["per_seed"][0]["lo"] > 0.1  # a 0.2+ F1 gap on 300 examples is far outside the noise
+    assert r["diff"] == pytest.approx((f1(a) - f1(b)) / 2) and r["lo"] < r["diff"] < r["hi"]
+    # the interval shrinks with more examples: the same rates on 4x the data give a narrower one
+    wide = r["per_seed"][0]["hi"] - r["per_seed"][0]["lo"]
+    a4, b4 = np.concatenate([a] * 4), np.concatenate([b] * 4)
+    narrow = experiment.paired_bootstrap([a4], [b4], n_resamples=500)["per_seed"][0]
+    assert narrow["hi"] - narrow["lo"] < 0.7 * wide
