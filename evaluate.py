@@ -142,7 +142,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="HF Llama model dir (e.g. runs/student/step_000100)")
     p.add_argument("--task", default="ncbi_disease", help="ncbi_disease, bc5cdr, pubmedqa or jsonl")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split to score")
-    p.add_argument("--data", default=None, help="JSONL file for --task jsonl")
+    p.add_argument("--data", default=None, help="--task jsonl: the JSONL file to score, or train,val,test files "
+                                                "of which --split picks one")
     p.add_argument("--metric", choices=data.METRICS, default=None,
                    help="how --task jsonl is scored when the file does not say (see data.py)")
     p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (default "
@@ -159,9 +160,18 @@ def main(argv=None):
     if args.batch_size <= 0 or args.max_new_tokens < 0 or args.limit < 0:
         raise UserError("--batch-size must be positive, --max-new-tokens and --limit >= 0")
     data.check_task_flags(args.task, args.data, args.data_dir, args.metric)
-    from sft import resolve_device, resolve_dtype
+    from sft import given_flags, resolve_device, resolve_dtype
+    data_file = None
+    if args.task == "jsonl":
+        files = args.data.split(",")
+        if len(files) == 1 and "split" in given_flags(p, argv):
+            raise UserError(f"--split {args.split}: --data {args.data} is one file, scored whatever the split; drop "
+                            "--split, or pass train,val,test files for it to pick from")
+        data_file = files[0] if len(files) == 1 else (files + [""] * 3)[{"val": 1, "test": 2}[args.split]]
+        if not data_file:
+            raise UserError(f"--split {args.split}: --data {args.data} has no {args.split} file")
     device = resolve_device(args.device)
-    metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, args.data, args.limit,
+    metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, data_file, args.limit,
                            args.batch_size, args.max_new_tokens, device, resolve_dtype(args.dtype, device), args.out,
                            metric=args.metric)
     print(json.dumps(metrics, indent=2))
