@@ -2,6 +2,7 @@
 truncation, batching, metrics on hand-built cases, and a clear error for every kind of bad input."""
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -492,7 +493,8 @@ def test_jsonl_entities_hand_computed(tmp_path, capsys):
 
 
 def test_jsonl_gold_mention_not_in_text_is_a_warning(tmp_path, capsys):
-    path = jsonl_file(tmp_path / "ent.jsonl", {"prompt": "aspirin and  ibuprofen", "entities": ["aspirin", "ibuprofen"]},
+    path = jsonl_file(tmp_path / "ent.jsonl",
+                      {"prompt": "aspirin and  ibuprofen", "entities": ["aspirin", "ibuprofen"]},
                       {"prompt": "none here", "entities": ["heparin", "warfarin"]},
                       {"prompt": "x", "entities": ["x"]}, {"prompt": "y", "entities": ["z"]})
     assert len(data.load_examples("jsonl", "train", data_file=path)) == 4
@@ -510,7 +512,8 @@ def test_jsonl_exact_normalises_whitespace(tmp_path):
 
 
 BAD_METRIC_JSONL = {
-    "choice outside the label set": ([{"metric": "choices", "labels": ["yes", "no"]}, {"prompt": "a", "response": "yes"},
+    "choice outside the label set": ([{"metric": "choices", "labels": ["yes", "no"]},
+                                      {"prompt": "a", "response": "yes"},
                                       {"prompt": "b", "response": "maybe"}],
                                      ":3: answer 'maybe' is not one of the choices (yes, no)"),
     "answer not among its options": ([{"prompt": "a", "response": "E", "choices": ["A", "B"]}],
@@ -524,7 +527,8 @@ BAD_METRIC_JSONL = {
                                     {"prompt": "b", "response": "A"}], ":2: no 'choices' on this line"),
     "choices in an entities file": ([{"metric": "entities"}, {"prompt": "a", "response": "b", "choices": ["b"]}],
                                     ":2: 'choices' given but the file is scored by metric entities"),
-    "header not first": ([{"prompt": "a", "response": "b"}, {"metric": "exact"}], ":2: 'metric' goes on the first line"),
+    "header not first": ([{"prompt": "a", "response": "b"}, {"metric": "exact"}],
+                         ":2: 'metric' goes on the first line"),
     "unknown metric": ([{"metric": "bleu"}, {"prompt": "a", "response": "b"}], ":1: metric 'bleu': expected one of"),
     "labels for entities": ([{"metric": "entities", "labels": ["x"]}, {"prompt": "a", "response": "b"}],
                             ":1: 'labels' is for metric choices"),
@@ -544,7 +548,8 @@ def test_bad_metric_fields_name_file_and_line(case, tmp_path):
 
 
 def test_metric_flag_against_the_file(tmp_path):
-    path = jsonl_file(tmp_path / "h.jsonl", {"metric": "choices", "labels": ["a", "b"]}, {"prompt": "p", "response": "a"})
+    path = jsonl_file(tmp_path / "h.jsonl", {"metric": "choices", "labels": ["a", "b"]},
+                      {"prompt": "p", "response": "a"})
     with pytest.raises(UserError, match=r"h.jsonl:1: the file declares metric 'choices' but --metric exact"):
         data.load_examples("jsonl", "train", data_file=path, metric="exact")
     assert data.load_examples("jsonl", "train", data_file=path, metric="choices")[0].choices == ("a", "b")
@@ -568,3 +573,26 @@ def test_check_task_flags():
     with pytest.raises(UserError, match="--max-new-tokens 8: task pubmedqa is scored by the log-probability"):
         data.check_generation_flag("pubmedqa", [], "--max-new-tokens", 8)
     data.check_generation_flag("ncbi_disease", [], "--max-new-tokens", 8)
+
+
+def test_example_files_are_what_the_script_makes(capsys):
+    """examples/*.jsonl are exactly examples/make_examples.py's output from the shared data; each loads with its
+    metric, mc4's right option is in its sentence and no distractor is, and no chemical is missing from its text."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_examples
+    kinds = {"yesno": (make_examples.yesno, "choices"), "mc4": (make_examples.mc4, "choices"),
+             "chemicals": (make_examples.chemicals, "entities")}
+    for kind, (make, metric) in kinds.items():
+        for split, n in make_examples.SIZES.items():
+            path = ROOT / "examples" / f"{kind}.{split}.jsonl"
+            assert path.read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make(split))
+            examples = data.load_examples("jsonl", split, data_file=path)
+            assert len(examples) == n and {ex.metric for ex in examples} == {metric}
+            if kind == "mc4":
+                for ex in examples:
+                    sentence = " " + ex.prompt.split("\n\n")[0].removeprefix("Sentence: ") + " "
+                    assert len(ex.choices) == 4 and f" {ex.gold} " in sentence
+                    assert not any(f" {o} " in sentence for o in ex.choices if o != ex.gold)
+            if kind == "yesno":
+                assert {ex.gold for ex in examples} == {"yes", "no"}
+    assert "warning" not in capsys.readouterr().err
