@@ -21,19 +21,20 @@ from model import KVCache, UserError, atomic_write_text, generate, left_pad, loa
 
 @torch.no_grad()
 def label_logprobs(model, tok, examples, labels: list, batch_size: int, dtype: str = "fp32",
-                   end: bool = False) -> torch.Tensor:
+                   task: str = "pubmedqa", end: bool = False) -> torch.Tensor:
     """(n_examples, n_labels) summed log-probability of each label's answer tokens after the prompt.
 
     `labels` is one list for every example (PubMedQA's yes/no/maybe) or one list per example (the options of a
-    multiple-choice exam); a row with fewer options than the longest scores -inf in the missing columns. With
-    `end`, the end-of-turn token after each label is scored too, so a label that is a prefix of another ("cancer",
-    "cancer of the breast") does not win by being shorter.
+    multiple-choice exam), each written as `task` writes its answers (data.format_answer); a row with fewer options
+    than the longest scores -inf in the missing columns. With `end`, the end-of-turn token after each label is
+    scored too, so a label that is a prefix of another ("cancer", "cancer of the breast") does not win by being
+    shorter.
     The prompt runs once for all labels: its last position scores every label's first token, and a label of
     several tokens continues from the prompt's KV cache (each label overwrites the previous one's slots; in a batch,
     shorter labels are padded at their end, which no earlier token attends to)."""
     device = model.model.embed_tokens.weight.device
     rows = labels if labels and isinstance(labels[0], (list, tuple)) else [labels] * len(examples)
-    encoded = {lab: tok.encode(data.format_answer("pubmedqa" if not end else "jsonl", lab)) + [tok.eos_id] * end
+    encoded = {lab: tok.encode(data.format_answer(task, lab)) + [tok.eos_id] * end
                for row in rows for lab in row}
     label_ids = [[encoded[lab] for lab in row] for row in rows]
     longest = max(len(ids) for ids in encoded.values())
@@ -99,7 +100,9 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
     kind = data.answer_kind(task, examples)
     if kind == "choices":  # no generation: the option with the highest log-probability is the answer
         options = [list(ex.choices) for ex in examples]
-        scores = label_logprobs(model, tok, examples, options, batch_size, dtype, end=task != "pubmedqa")
+        # PubMedQA's one-word labels are no prefix of each other, and its recorded results score them without the
+        # end-of-turn token; a user's options may be ("cancer", "cancer of the breast"), so theirs end with it
+        scores = label_logprobs(model, tok, examples, options, batch_size, dtype, task, end=task != "pubmedqa")
         predictions = [opts[k] for opts, k in zip(options, scores.argmax(-1).tolist())]
     else:
         predictions = generate_answers(model, tok, examples, batch_size, max_new_tokens, dtype, progress)

@@ -200,7 +200,7 @@ def test_per_example_options_match_transformers(tiny_model_dir, tmp_path):
             p.mul_(25 if p.dim() >= 2 else 1)
     save_model(model, tmp_path / "sharp")
     options = [list(ex.choices) for ex in examples]
-    ours = evaluate.label_logprobs(model, tok, examples, options, batch_size=2, end=True)
+    ours = evaluate.label_logprobs(model, tok, examples, options, batch_size=2, task="jsonl", end=True)
     assert ours.shape == (3, 3) and ours[1, 2] == float("-inf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "sharp").eval()
     lengths = set()
