@@ -421,10 +421,19 @@ def read_jsonl(path: Path, metric: str | None = None) -> list[Example]:
         raise UserError(f"{path}: empty dataset (no examples)")
     if not_in_prompt:
         lines = sorted(set(not_in_prompt))
-        print(f"warning: {path}: {len(not_in_prompt)} gold mention(s) are not in their prompt's text (line"
-              f"{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}); "
-              "a model that copies mentions cannot find them", file=sys.stderr)
+        warn_once(f"warning: {path}: {len(not_in_prompt)} gold mention(s) are not in their prompt's text (line"
+                  f"{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}); "
+                  "a model that copies mentions cannot find them")
     return examples
+
+
+WARNED = set()  # warnings already printed by this process: a file is read by every stage of a run
+
+
+def warn_once(message: str):
+    if message not in WARNED:
+        WARNED.add(message)
+        print(message, file=sys.stderr)
 
 
 def load_jsonl(split: str, data_dir: Path, data_file=None, metric: str | None = None) -> list[Example]:

@@ -501,6 +501,8 @@ def test_jsonl_gold_mention_not_in_text_is_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"warning: {path}: 3 gold mention(s) are not in their prompt's text (lines 2, 4); a model that " \
                   "copies mentions cannot find them"
+    data.load_examples("jsonl", "train", data_file=path)  # every stage of a run reads the file: one warning
+    assert capsys.readouterr().err == ""
 
 
 def test_jsonl_exact_normalises_whitespace(tmp_path):
