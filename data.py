@@ -6,7 +6,20 @@ Every script reads its data through here. The built-in tasks come from ../shared
                   80/20 into train/val, stratified by label with a fixed seed. Metrics: accuracy (main), macro-F1.
     ncbi_disease  disease-mention NER from IOB files (train/devel/test.tsv). Metric: entity micro-F1 (main).
     bc5cdr        chemical + disease NER, same format and metric.
-    jsonl         a user file: {"prompt", "response"} or {"messages": [...]} per line, optional "id".
+    jsonl         a user file, one JSON object per line: {"prompt", "response"} or {"messages": [...]}, optional
+                  "id" and "system". How it is scored (its metric) is one of
+                    exact     exact match after whitespace normalisation (the default);
+                    choices   the answer is one of a set of options, scored without generation by each option's
+                              log-probability after the prompt, as PubMedQA (accuracy main, macro-F1). The options
+                              are the line's own "choices": [...] (a multiple-choice exam), else a label set for the
+                              whole file declared on its first line, else the file's distinct answers;
+                    entities  "entities": [...] lists the gold mentions; the answer is them one per line, in order,
+                              or None (the response may be left out: it is built from the list). Micro P/R/F1 over
+                              mention multisets, as NCBI-disease.
+                  The metric is declared by an optional first line without a prompt, {"metric": "choices",
+                  "labels": ["yes", "no"]} ("labels" only for choices), or by --metric, or read from the lines: a
+                  file whose lines carry "choices" is choices, "entities" entities, otherwise exact. A field the
+                  metric would not use ("choices" in an exact file) is an error, so nothing is silently ignored.
 
 Every example carries a stable id (pubmedqa/<PMID>, ncbi_disease/train/<sentence index>, <file name>:<line>):
 per-sample losses, the AW weights and the SFS/TFS analysis of SCD (arXiv 2601.10114, Sec. 3) key on it.
@@ -23,6 +36,7 @@ everywhere except the answer tokens and the end-of-turn token that follows them.
 
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -58,13 +72,19 @@ NER_INSTRUCTIONS = {
 }
 
 
+METRICS = ("exact", "choices", "entities")  # how a jsonl file is scored (see the module docstring)
+JSONL_TYPE = "Entity"  # the one (untyped) entity type of a jsonl entities file
+
+
 @dataclass
 class Example:
     id: str
     prompt: str  # user turn text
     answer: str  # gold assistant text
-    gold: object = None  # pubmedqa: label; NER: list of (mention, type); jsonl: None
+    gold: object = None  # pubmedqa, jsonl choices: label; NER, jsonl entities: list of (mention, type); else None
     system: str | None = None
+    choices: tuple[str, ...] | None = None  # the options scored by log-probability (pubmedqa, jsonl choices)
+    metric: str | None = None  # jsonl only: one of METRICS
 
 # -----------------------------------------------------------------------------
 # reading files: every error names the file and, where there is one, the line
@@ -142,7 +162,7 @@ def pubmedqa_val_split(pmids: list[str], labels: list[str]) -> set[str]:
     return val
 
 
-def load_pubmedqa(split: str, data_dir: Path, data_file=None) -> list[Example]:
+def load_pubmedqa(split: str, data_dir: Path) -> list[Example]:
     task_dir = data_dir / "pubmedqa"
     require_files("pubmedqa", task_dir, ["ori_pqal.json", "test_ground_truth.json"])
     pqal_path, truth_path = task_dir / "ori_pqal.json", task_dir / "test_ground_truth.json"
@@ -168,8 +188,8 @@ def load_pubmedqa(split: str, data_dir: Path, data_file=None) -> list[Example]:
     val = pubmedqa_val_split(rest, [pqal[p]["final_decision"] for p in rest])
     pmids = {"test": [p for p in pqal if p in truth], "val": [p for p in rest if p in val],
              "train": [p for p in rest if p not in val]}[split]
-    return [Example(f"pubmedqa/{p}", pubmedqa_prompt(pqal[p]), pqal[p]["final_decision"], pqal[p]["final_decision"])
-            for p in pmids]
+    return [Example(f"pubmedqa/{p}", pubmedqa_prompt(pqal[p]), pqal[p]["final_decision"], pqal[p]["final_decision"],
+                    choices=PUBMEDQA_LABELS) for p in pmids]
 
 # -----------------------------------------------------------------------------
 # NER from IOB files (ncbi_disease, bc5cdr)
@@ -213,7 +233,7 @@ def iob_mentions(words: list[str], tags: list[str]) -> list[tuple[str, str]]:
     return [(" ".join(ws), t) for ws, t in spans]
 
 
-def load_ner(task: str, split: str, data_dir: Path, data_file=None) -> list[Example]:
+def load_ner(task: str, split: str, data_dir: Path) -> list[Example]:
     task_dir = data_dir / task
     require_files(task, task_dir, list(IOB_FILES.values()))
     examples = []
@@ -224,17 +244,17 @@ def load_ner(task: str, split: str, data_dir: Path, data_file=None) -> list[Exam
     return examples
 
 
-def format_ner(task: str, mentions: list[tuple[str, str]]) -> str:
-    typed = len(NER_TYPES[task]) > 1
+def format_mentions(types: tuple[str, ...], mentions: list[tuple[str, str]]) -> str:
+    """One mention per line, `mention (Type)` when there is more than one type; no mentions is `None`."""
+    typed = len(types) > 1
     for mention, kind in mentions:
-        assert kind in NER_TYPES[task] and mention == " ".join(mention.split()) and mention, (mention, kind)
+        assert kind in types and mention == " ".join(mention.split()) and mention, (mention, kind)
         assert typed or mention != NO_ENTITIES, "an untyped mention 'None' would read as no mentions"
     return "\n".join(f"{m} ({t})" if typed else m for m, t in mentions) or NO_ENTITIES
 
 
-def parse_ner(task: str, text: str) -> list[tuple[str, str | None]]:
+def parse_mentions(types: tuple[str, ...], text: str) -> list[tuple[str, str | None]]:
     """Generated answer -> [(mention, type)]; a line without a valid type gets type None (never matches gold)."""
-    types = NER_TYPES[task]
     if text.strip() == NO_ENTITIES:
         return []
     mentions = []
@@ -248,6 +268,14 @@ def parse_ner(task: str, text: str) -> list[tuple[str, str | None]]:
             m = re.fullmatch(rf"(.+) \(({'|'.join(types)})\)", line)
             mentions.append((m[1], m[2]) if m else (line, None))
     return mentions
+
+
+def format_ner(task: str, mentions: list[tuple[str, str]]) -> str:
+    return format_mentions(NER_TYPES[task], mentions)
+
+
+def parse_ner(task: str, text: str) -> list[tuple[str, str | None]]:
+    return parse_mentions(NER_TYPES[task], text)
 
 # -----------------------------------------------------------------------------
 # jsonl: a user's own prompt/response file
@@ -275,10 +303,66 @@ def jsonl_record(record: dict, where: str) -> tuple[str | None, str, str]:
     return system, check_text(record["prompt"], where, "prompt"), check_text(record["response"], where, "response")
 
 
-def read_jsonl(path: Path) -> list[Example]:
+def normalise(text: str) -> str:
+    """Whitespace runs as one space, ends stripped: how exact match, options and mentions compare."""
+    return " ".join(text.split())
+
+
+def is_header(record: dict) -> bool:
+    return "metric" in record and not any(k in record for k in ("prompt", "response", "messages"))
+
+
+def string_list(value, where: str, field: str) -> tuple[str, ...]:
+    """A non-empty list of distinct non-empty strings, whitespace-normalised."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: {field!r} must be a list of strings")
+    if not value:
+        raise UserError(f"{where}: empty {field!r} list")
+    items = tuple(normalise(v) for v in value)
+    if not all(items):
+        raise UserError(f"{where}: {field!r} holds an empty string")
+    if len(set(items)) < len(items):
+        dup = next(v for v in items if items.count(v) > 1)
+        raise UserError(f"{where}: {field!r} lists {dup!r} twice")
+    return items
+
+
+def jsonl_header(record: dict, where: str, metric: str | None) -> tuple[str, tuple[str, ...] | None]:
+    """(metric, labels) a file's first line declares; --metric (`metric`) must agree with it."""
+    unknown = sorted(set(record) - {"metric", "labels"})
+    if unknown:
+        raise UserError(f"{where}: unknown field {unknown[0]!r} in the header line (it takes \"metric\" and, for "
+                        "choices, \"labels\")")
+    declared = record["metric"]
+    if declared not in METRICS:
+        raise UserError(f"{where}: metric {declared!r}: expected one of {', '.join(METRICS)}")
+    if metric is not None and metric != declared:
+        raise UserError(f"{where}: the file declares metric {declared!r} but --metric {metric} was given; "
+                        "drop --metric or change the file")
+    if "labels" in record and declared != "choices":
+        raise UserError(f"{where}: 'labels' is for metric choices, not {declared}")
+    labels = string_list(record["labels"], where, "labels") if "labels" in record else None
+    return declared, labels
+
+
+def entity_gold(record: dict, where: str) -> list[tuple[str, str]]:
+    """A line's "entities": gold mentions in order, repeats kept (a mention that occurs twice is listed twice)."""
+    value = record["entities"]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: 'entities' must be a list of strings ([] for none)")
+    mentions = [normalise(v) for v in value]
+    if not all(mentions):
+        raise UserError(f"{where}: 'entities' holds an empty string")
+    if NO_ENTITIES in mentions:
+        raise UserError(f"{where}: a mention {NO_ENTITIES!r} would read as no mentions; use \"entities\": []")
+    return [(m, JSONL_TYPE) for m in mentions]
+
+
+def read_jsonl(path: Path, metric: str | None = None) -> list[Example]:
+    """Examples of one JSONL file, scored by `metric` (--metric; None: the file's header, else its fields)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    examples = []
+    records = []
     for n, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
@@ -289,25 +373,80 @@ def read_jsonl(path: Path) -> list[Example]:
             raise UserError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        system, prompt, answer = jsonl_record(record, where)
+        records.append((n, record))
+    labels = None
+    if records and is_header(records[0][1]):
+        n, header = records.pop(0)
+        metric, labels = jsonl_header(header, f"{path}:{n}", metric)
+    for n, record in records:
+        if "metric" in record:
+            raise UserError(f"{path}:{n}: 'metric' goes on the first line, alone: {{\"metric\": ...}}")
+    if metric is None:
+        metric = next((m for m in ("choices", "entities") if any(m in r for _, r in records)), "exact")
+    rows = []
+    for n, record in records:
+        where = f"{path}:{n}"
+        for field in ("choices", "entities"):
+            if field in record and field != metric:
+                raise UserError(f"{where}: {field!r} given but the file is scored by metric {metric}; remove it or "
+                                f"declare metric {field}")
+        if metric == "entities" and "entities" in record and "response" not in record and "messages" not in record:
+            record = {**record, "response": format_mentions((JSONL_TYPE,), entity_gold(record, where))}
+        rows.append((n, record, *jsonl_record(record, where)))
+    if metric == "choices" and labels is None and not any("choices" in r for _, r, *_ in rows):
+        labels = tuple(dict.fromkeys(normalise(answer) for *_, answer in rows))  # the file's distinct answers
+    examples, not_in_prompt = [], []
+    for n, record, system, prompt, answer in rows:
+        where = f"{path}:{n}"
         id_ = record.get("id", f"{path.name}:{n}")
         if isinstance(id_, bool) or not isinstance(id_, (str, int)) or not str(id_).strip():
             raise UserError(f"{where}: 'id' must be a non-empty string or an integer")
-        examples.append(Example(str(id_), prompt, answer, None, system))
+        gold, options = None, None
+        if metric == "choices":
+            options = string_list(record["choices"], where, "choices") if "choices" in record else labels
+            if options is None:
+                raise UserError(f"{where}: no 'choices' on this line, and the first line declares no \"labels\"")
+            gold = normalise(answer)
+            if gold not in options:
+                raise UserError(f"{where}: answer {gold!r} is not one of the choices ({', '.join(options)})")
+        elif metric == "entities":
+            gold = entity_gold(record, where) if "entities" in record else parse_mentions((JSONL_TYPE,), answer)
+            if "entities" in record and parse_mentions((JSONL_TYPE,), answer) != gold:
+                raise UserError(f"{where}: the response does not list the 'entities' one per line; leave the "
+                                "response out and it is built from them")
+            if any(m not in normalise(prompt) for m, _ in gold):
+                not_in_prompt += [n] * sum(m not in normalise(prompt) for m, _ in gold)
+        examples.append(Example(str(id_), prompt, answer, gold, system, options, metric))
     if not examples:
         raise UserError(f"{path}: empty dataset (no examples)")
+    if not_in_prompt:
+        lines = sorted(set(not_in_prompt))
+        warn_once(f"warning: {path}: {len(not_in_prompt)} gold mention(s) are not in their prompt's text (line"
+                  f"{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}); "
+                  "a model that copies mentions cannot find them")
     return examples
 
 
-def load_jsonl(split: str, data_dir: Path, data_file=None) -> list[Example]:
+WARNED = set()  # warnings already printed by this process: a file is read by every stage of a run
+
+
+def warn_once(message: str):
+    if message not in WARNED:
+        WARNED.add(message)
+        print(message, file=sys.stderr)
+
+
+def load_jsonl(split: str, data_dir: Path, data_file=None, metric: str | None = None) -> list[Example]:
     if data_file is None:
         raise UserError("--data-file: task jsonl needs a JSONL file of {\"prompt\", \"response\"} or {\"messages\"}")
     paths = [data_file] if isinstance(data_file, (str, Path)) else list(data_file)
     examples, seen = [], {}
     for path in map(Path, paths):
-        for ex in read_jsonl(path):
+        for ex in read_jsonl(path, metric):
             if ex.id in seen:
                 raise UserError(f"{path}: duplicate id {ex.id!r} (also in {seen[ex.id]})")
+            if examples and ex.metric != examples[0].metric:
+                raise UserError(f"{path}: scored by metric {ex.metric}, but {paths[0]} by {examples[0].metric}")
             seen[ex.id] = path
             examples.append(ex)
     return examples
@@ -321,7 +460,7 @@ class Task:
     name: str
     metric: str  # what score()["main"] is
     splits: tuple[str, ...]
-    load: Callable[..., list[Example]]  # (split, data_dir, data_file) -> examples
+    load: Callable[..., list[Example]]  # (split, data_dir) -> examples; jsonl: (split, data_dir, data_file, metric)
     max_new_tokens: int  # enough for any gold answer of the task, for generation
 
 
@@ -329,7 +468,7 @@ TASKS = {
     "pubmedqa": Task("pubmedqa", "accuracy", SPLITS, load_pubmedqa, 8),
     "ncbi_disease": Task("ncbi_disease", "entity_f1", SPLITS, partial(load_ner, "ncbi_disease"), 128),
     "bc5cdr": Task("bc5cdr", "entity_f1", SPLITS, partial(load_ner, "bc5cdr"), 256),
-    "jsonl": Task("jsonl", "exact_match", SPLITS, load_jsonl, 256),
+    "jsonl": Task("jsonl", "exact_match, accuracy or entity_f1 (see METRICS)", SPLITS, load_jsonl, 256),
 }
 
 
@@ -339,10 +478,39 @@ def get_task(task: str) -> Task:
     return TASKS[task]
 
 
-def load_examples(task: str, split: str, data_dir=None, data_file=None, limit=None, seed=0) -> list[Example]:
+def check_task_flags(task: str, data_files: str | None, data_dir: str | None, metric: str | None = None):
+    """Refuse the data flags a task would ignore, each with what to write instead: a built-in task reads its own
+    files (--data-dir) and has its own metric; --task jsonl reads only --data and may take --metric."""
+    get_task(task)
+    if task == "jsonl":
+        if data_dir is not None:
+            raise UserError(f"--data-dir {data_dir}: --task jsonl reads only the files of --data; drop --data-dir")
+        if not data_files:
+            raise UserError("--task jsonl needs --data FILE (train[,val[,test]] JSONL files, comma-separated)")
+        if metric is not None and metric not in METRICS:
+            raise UserError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    else:
+        if data_files is not None:
+            raise UserError(f"--data {data_files}: task {task} reads its own files from --data-dir (default "
+                            f"../shared/data); to use your file write --task jsonl --data {data_files}")
+        if metric is not None:
+            raise UserError(f"--metric {metric}: task {task} is scored by its own metric ({TASKS[task].metric}); "
+                            "--metric is for --task jsonl")
+
+
+def check_generation_flag(task: str, examples, flag: str, value):
+    """Refuse a generation cap for a task scored without generation (pubmedqa, jsonl choices)."""
+    if value and answer_kind(task, examples) == "choices":
+        raise UserError(f"{flag} {value}: task {task} is scored by the log-probability of each choice and "
+                        f"generates nothing; drop {flag}")
+
+
+def load_examples(task: str, split: str, data_dir=None, data_file=None, limit=None, seed=0,
+                  metric: str | None = None) -> list[Example]:
     """Examples of one split, in file order. `limit` keeps a random subset (drawn with `seed`, file order kept).
 
-    For task jsonl, `data_file` is the file (or list of files) of this split; `data_dir` is ignored.
+    For task jsonl, `data_file` is the file (or list of files) of this split and `metric` is --metric (None: the
+    file says); `data_dir` is ignored.
     """
     spec = get_task(task)
     if split not in spec.splits:
@@ -351,7 +519,7 @@ def load_examples(task: str, split: str, data_dir=None, data_file=None, limit=No
     if task != "jsonl" and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir}: not a directory; it should hold {task}/ "
                         f"(get the files from {SOURCES[task]}, see shared/data/README.md)")
-    examples = spec.load(split, data_dir, data_file)
+    examples = load_jsonl(split, data_dir, data_file, metric) if task == "jsonl" else spec.load(split, data_dir)
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit {limit}: must be positive")
@@ -369,15 +537,27 @@ def format_answer(task: str, gold) -> str:
     return gold
 
 
-def parse_answer(task: str, text: str):
-    """Generated text -> comparable answer: pubmedqa label or None, NER [(mention, type)], jsonl stripped text."""
+def answer_kind(task: str, examples: list[Example]) -> str:
+    """How a task's answers are scored, one of METRICS: pubmedqa by choices, NER by entities, jsonl as its file says."""
+    if task == "pubmedqa":
+        return "choices"
+    if task in NER_TYPES:
+        return "entities"
+    return (examples[0].metric if examples else None) or "exact"
+
+
+def parse_answer(task: str, text: str, kind: str | None = None):
+    """Generated text -> comparable answer: pubmedqa label or None, NER [(mention, type)], jsonl normalised text or
+    (kind entities) [(mention, type)]."""
     if task in NER_TYPES:
         return parse_ner(task, text)
     if task == "pubmedqa":
         words = text.strip().lower().split()
         first = words[0].strip(".,;:!?\"'()") if words else ""
         return first if first in PUBMEDQA_LABELS else None
-    return text.strip()
+    if kind == "entities":
+        return parse_mentions((JSONL_TYPE,), text)
+    return normalise(text)
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -400,9 +580,10 @@ def entity_scores(golds: list[list], preds: list[list]) -> dict:
 
 
 def label_scores(golds: list[str], preds: list[str | None]) -> dict:
-    """Accuracy, and macro-F1 over the labels seen in gold or prediction; an unparseable prediction is a miss."""
+    """Accuracy, and macro-F1 over the labels seen in gold or prediction; an unparseable prediction is a miss.
+    (With per-example options, macro-F1 averages over every option string that occurs: read accuracy.)"""
     accuracy = sum(g == p for g, p in zip(golds, preds)) / len(golds)
-    labels = [lab for lab in PUBMEDQA_LABELS if lab in golds or lab in preds]
+    labels = list(dict.fromkeys(lab for lab in golds + preds if lab is not None))
     f1s = []
     for lab in labels:
         tp = sum(g == p == lab for g, p in zip(golds, preds))
@@ -412,16 +593,18 @@ def label_scores(golds: list[str], preds: list[str | None]) -> dict:
 
 
 def score(task: str, examples: list[Example], predictions: list[str]) -> dict:
-    """Task metrics of generated answers; "main" is accuracy (pubmedqa), entity F1 (NER) or exact match (jsonl)."""
+    """Task metrics of the answers; "main" is accuracy (pubmedqa, jsonl choices), entity F1 (NER, jsonl entities)
+    or exact match after whitespace normalisation (jsonl exact)."""
     assert len(examples) == len(predictions), (len(examples), len(predictions))
     if not examples:
         raise UserError(f"{task}: no examples to score")
-    preds = [parse_answer(task, p) for p in predictions]
-    if task in NER_TYPES:
+    kind = answer_kind(task, examples)
+    preds = [parse_answer(task, p, kind) for p in predictions]
+    if kind == "entities":
         return entity_scores([ex.gold for ex in examples], preds)
-    if task == "pubmedqa":
+    if kind == "choices":
         return label_scores([ex.gold for ex in examples], preds)
-    em = sum(p == ex.answer.strip() for p, ex in zip(preds, examples)) / len(examples)
+    em = sum(p == normalise(ex.answer) for p, ex in zip(preds, examples)) / len(examples)
     return {"main": em, "exact_match": em, "n": len(examples)}
 
 # -----------------------------------------------------------------------------

@@ -291,6 +291,32 @@ def used_checkpoints(schedule_log: Path) -> list[int]:
     return [json.loads(line)["chosen"] for line in schedule_log.read_text().splitlines() if line.strip()]
 
 
+def unused_flags(args) -> dict[str, str]:
+    """The flags this run would ignore, each with what to do instead (sft.refuse_unused refuses those given)."""
+    unused = {}
+    if args.aw:
+        unused["alpha"] = "AW sets each sample's weight; --alpha is the fixed weight of --no-aw"
+    else:
+        why = "is AW's reference (the frozen SFT student's losses); with --no-aw drop it, or drop --no-aw"
+        unused.update(aw_table=why, student_sft=why)
+    if args.schedule != "td":
+        unused["td_ckpt"] = f"is the one teacher of --schedule td; --schedule {args.schedule} picks one per stage"
+    if args.schedule != "scd":
+        why = f"is SCD's probe; --schedule {args.schedule} does not score checkpoints"
+        unused.update(probe_size=why, probe_cache=why)
+    if args.loss != "jsd":
+        unused["beta"] = f"is the β of --loss jsd; --loss {args.loss} has none"
+    if args.loss not in ("skew_fkl", "skew_rkl"):
+        unused["lam"] = f"is the λ of --loss skew_fkl / skew_rkl; --loss {args.loss} has none"
+    if args.stage_steps:
+        why = "--stage-steps sets the length of every stage; drop one of them"
+        unused.update(epochs=why, max_steps=why)
+    if args.eval_split == "none":
+        why = "there is no final evaluation with --eval-split none"
+        unused.update(eval_size=why, max_new_tokens=why)
+    return unused
+
+
 def variant_name(args) -> str:
     return args.schedule + ("_aw" if args.aw else "") + ("" if args.loss == "fkl" else f"_{args.loss}")
 
@@ -333,6 +359,7 @@ def main(argv=None):
                    help="generation cap of the final evaluation (0 = the task's own)")
     sft.add_common_args(p)
     args = p.parse_args(argv)
+    sft.refuse_unused(sft.given_flags(p, argv), unused_flags(args))
     sft.resolve_args(args, DEFAULTS)
     args.variant = args.variant or variant_name(args)
     args.out = args.out or f"runs/distill/{args.variant}"
@@ -360,10 +387,11 @@ def distill(args) -> Path:
     config = {**vars(args), "device": str(device)}
     sft.seed_everything(args.seed)
     tok = data.load_tokenizer(args.init)
-    _, train_items = sft.load_split(tok, args, "train", args.train_size)
+    train_examples, train_items = sft.load_split(tok, args, "train", args.train_size)
     _, val_items = sft.load_split(tok, args, "val", args.val_size)
     if not train_items:
         raise UserError(f"task {args.task}: the training split is empty")
+    data.check_generation_flag(args.task, train_examples, "--max-new-tokens", args.max_new_tokens)
     out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite)  # only once all inputs are good
     steps_per_epoch = len(sft.build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
     total = math.ceil(args.epochs * steps_per_epoch)
@@ -469,7 +497,7 @@ def distill(args) -> Path:
     if args.eval_split != "none" and (args.task != "jsonl" or data_file):
         metrics = evaluate.evaluate_dir(final, args.task, args.eval_split, args.data_dir, data_file,
                                         args.eval_size, args.eval_batch_size, args.max_new_tokens or None, device,
-                                        args.dtype, progress=False)
+                                        args.dtype, progress=False, metric=args.metric)
         log.log({"step": n_steps, "final_eval": True, **metrics})
         print(f"final {args.task} {args.eval_split}: {metrics['main']:.4f} (n={metrics['n']}) -> "
               f"{final / f'eval_{args.task}_{args.eval_split}.json'}")

@@ -3,9 +3,10 @@ distill.py's final evaluation and the experiment all call.
 
     python evaluate.py --model runs/distill/scd_aw/final --task ncbi_disease --split test
 
-PubMedQA is scored without generation: the label word (yes/no/maybe) with the highest log-probability after the
-assistant prefix is the prediction. NER tasks generate greedily with the KV cache, in batches, and the answer is
-parsed back into entity mentions and scored by exact-span micro F1 (data.score).
+PubMedQA and JSONL files of metric choices are scored without generation: the label (yes/no/maybe, or the line's
+options) with the highest log-probability after the assistant prefix is the prediction. NER tasks and the other JSONL
+files generate greedily with the KV cache, in batches; the answer is parsed back into entity mentions and scored by
+exact-span micro F1, or compared by exact match (data.score).
 """
 
 import argparse
@@ -19,14 +20,25 @@ import data
 from model import KVCache, UserError, atomic_write_text, generate, left_pad, load_model, run_cli
 
 @torch.no_grad()
-def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dtype: str = "fp32") -> torch.Tensor:
+def label_logprobs(model, tok, examples, labels: list, batch_size: int, dtype: str = "fp32",
+                   task: str = "pubmedqa", end: bool = False) -> torch.Tensor:
     """(n_examples, n_labels) summed log-probability of each label's answer tokens after the prompt.
+
+    `labels` is one list for every example (PubMedQA's yes/no/maybe) or one list per example (the options of a
+    multiple-choice exam), each written as `task` writes its answers (data.format_answer); a row with fewer options
+    than the longest scores -inf in the missing columns. With `end`, the end-of-turn token after each label is
+    scored too, so a label that is a prefix of another ("cancer", "cancer of the breast") does not win by being
+    shorter.
     The prompt runs once for all labels: its last position scores every label's first token, and a label of
-    several tokens continues from the prompt's KV cache (each label overwrites the previous one's slots)."""
+    several tokens continues from the prompt's KV cache (each label overwrites the previous one's slots; in a batch,
+    shorter labels are padded at their end, which no earlier token attends to)."""
     device = model.model.embed_tokens.weight.device
-    label_ids = [tok.encode(data.format_answer("pubmedqa", lab)) for lab in labels]
-    longest = max(len(lab) for lab in label_ids)
-    scores = torch.zeros(len(examples), len(labels))
+    rows = labels if labels and isinstance(labels[0], (list, tuple)) else [labels] * len(examples)
+    encoded = {lab: tok.encode(data.format_answer(task, lab)) + [tok.eos_id] * end
+               for row in rows for lab in row}
+    label_ids = [[encoded[lab] for lab in row] for row in rows]
+    longest = max(len(ids) for ids in encoded.values())
+    scores = torch.full((len(examples), max(map(len, rows))), float("-inf"))
     prompts = [data.encode_prompt(tok, ex) for ex in examples]
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
@@ -38,17 +50,22 @@ def label_logprobs(model, tok, examples, labels: list[str], batch_size: int, dty
             h = model.hidden(ids, mask, cache=cache)[:, -1:]  # (B, 1, D), predicts each label's first token
         first = model.lm_logits(h).log_softmax(-1)  # (B, 1, V)
         next_pos = mask.sum(-1, keepdim=True)  # (B, 1) position of the first label token
-        for j, lab in enumerate(label_ids):
+        for j in range(scores.shape[1]):
+            labs = [row[j] if j < len(row) else [] for row in label_ids[i:i + B]]
+            n = torch.tensor([len(lab) for lab in labs], device=device)  # (B,)
+            L = int(n.max())
+            target = torch.tensor([lab + [tok.pad_id] * (L - len(lab)) for lab in labs], device=device)  # (B, L)
             logp = first
-            if len(lab) > 1:
+            if L > 1:
                 cache.pos.fill_(T)  # every label overwrites the slots after the prompt
-                rest = torch.tensor(lab[:-1], device=device).expand(B, -1)
-                positions = next_pos + torch.arange(len(lab) - 1, device=device)
+                positions = next_pos + torch.arange(L - 1, device=device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                    h = model.hidden(rest, position_ids=positions, cache=cache)  # (B, len(lab) - 1, D)
-                logp = torch.cat([first, model.lm_logits(h).log_softmax(-1)], 1)  # (B, len(lab), V)
-            target = torch.tensor(lab, device=device).expand(B, -1)
-            scores[i:i + B, j] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()
+                    h = model.hidden(target[:, :-1], position_ids=positions, cache=cache)  # (B, L - 1, D)
+                logp = torch.cat([first, model.lm_logits(h).log_softmax(-1)], 1)  # (B, L, V)
+            token_logp = logp.gather(-1, target[..., None]).squeeze(-1)  # (B, L)
+            real = torch.arange(L, device=device) < n[:, None]
+            total = torch.where(real, token_logp, 0.0).sum(-1)
+            scores[i:i + B, j] = torch.where(n > 0, total, float("-inf")).cpu()
     return scores
 
 
@@ -80,17 +97,21 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
     max_new_tokens = max_new_tokens or data.get_task(task).max_new_tokens
     was_training = model.training
     model.eval()
-    if task == "pubmedqa":
-        labels = list(data.PUBMEDQA_LABELS)
-        scores = label_logprobs(model, tok, examples, labels, batch_size, dtype)
-        predictions = [labels[k] for k in scores.argmax(-1).tolist()]
+    kind = data.answer_kind(task, examples)
+    if kind == "choices":  # no generation: the option with the highest log-probability is the answer
+        options = [list(ex.choices) for ex in examples]
+        # PubMedQA's one-word labels are no prefix of each other, and its recorded results score them without the
+        # end-of-turn token; a user's options may be ("cancer", "cancer of the breast"), so theirs end with it
+        scores = label_logprobs(model, tok, examples, options, batch_size, dtype, task, end=task != "pubmedqa")
+        predictions = [opts[k] for opts, k in zip(options, scores.argmax(-1).tolist())]
     else:
         predictions = generate_answers(model, tok, examples, batch_size, max_new_tokens, dtype, progress)
     model.train(was_training)
     metrics = data.score(task, examples, predictions)
     rows = []
     for ex, pred in zip(examples, predictions):
-        parsed, gold = data.parse_answer(task, pred), ex.gold if ex.gold is not None else ex.answer
+        parsed = data.parse_answer(task, pred, kind)
+        gold = ex.gold if ex.gold is not None else data.normalise(ex.answer)
         correct = sorted(map(tuple, parsed)) == sorted(map(tuple, gold)) if isinstance(gold, list) else parsed == gold
         rows.append({"id": ex.id, "prediction": pred, "gold": gold, "correct": bool(correct)})
     return metrics, rows
@@ -98,13 +119,16 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
 
 def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None, limit: int = 0,
                  batch_size: int = 16, max_new_tokens: int | None = None, device: str = "cpu",
-                 dtype: str = "fp32", out=None, progress: bool = True) -> dict:
-    """Load a model dir, evaluate it on a split, write metrics + predictions atomically, return the metrics."""
+                 dtype: str = "fp32", out=None, progress: bool = True, metric: str | None = None) -> dict:
+    """Load a model dir, evaluate it on a split, write metrics + predictions atomically, return the metrics.
+    `metric` is jsonl's --metric (None: the file says)."""
     model_dir = Path(model_dir)
     tok = data.load_tokenizer(model_dir)
-    examples = data.load_examples(task, split, data_dir=data_dir, data_file=data_file, limit=limit or None)
+    examples = data.load_examples(task, split, data_dir=data_dir, data_file=data_file, limit=limit or None,
+                                  metric=metric)
     if not examples:
         raise UserError(f"task {task}: split {split!r} is empty")
+    data.check_generation_flag(task, examples, "--max-new-tokens", max_new_tokens)
     model = load_model(model_dir, device=device)
     metrics, rows = evaluate(model, tok, task, examples, batch_size, max_new_tokens, dtype, progress)
     metrics = {"task": task, "split": split, "n": len(examples), "model": str(model_dir), **metrics}
@@ -121,8 +145,12 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="HF Llama model dir (e.g. runs/student/step_000100)")
     p.add_argument("--task", default="ncbi_disease", help="ncbi_disease, bc5cdr, pubmedqa or jsonl")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split to score")
-    p.add_argument("--data", default=None, help="JSONL file for --task jsonl")
-    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files")
+    p.add_argument("--data", default=None, help="--task jsonl: the JSONL file to score, or train,val,test files "
+                                                "of which --split picks one")
+    p.add_argument("--metric", choices=data.METRICS, default=None,
+                   help="how --task jsonl is scored when the file does not say (see data.py)")
+    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (default "
+                                                    "../shared/data)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward/generation batch")
     p.add_argument("--max-new-tokens", type=int, default=0, help="generation length cap (0 = the task's own)")
@@ -134,10 +162,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.max_new_tokens < 0 or args.limit < 0:
         raise UserError("--batch-size must be positive, --max-new-tokens and --limit >= 0")
-    from sft import resolve_device, resolve_dtype
+    data.check_task_flags(args.task, args.data, args.data_dir, args.metric)
+    from sft import given_flags, resolve_device, resolve_dtype
+    data_file = None
+    if args.task == "jsonl":
+        files = args.data.split(",")
+        if len(files) == 1 and "split" in given_flags(p, argv):
+            raise UserError(f"--split {args.split}: --data {args.data} is one file, scored whatever the split; drop "
+                            "--split, or pass train,val,test files for it to pick from")
+        data_file = files[0] if len(files) == 1 else (files + [""] * 3)[{"val": 1, "test": 2}[args.split]]
+        if not data_file:
+            raise UserError(f"--split {args.split}: --data {args.data} has no {args.split} file")
     device = resolve_device(args.device)
-    metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, args.data, args.limit,
-                           args.batch_size, args.max_new_tokens, device, resolve_dtype(args.dtype, device), args.out)
+    metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, data_file, args.limit,
+                           args.batch_size, args.max_new_tokens, device, resolve_dtype(args.dtype, device), args.out,
+                           metric=args.metric)
     print(json.dumps(metrics, indent=2))
 
 

@@ -5,6 +5,7 @@
     python experiment.py --preset gpu --task ncbi_disease  # the paper's sizes
     python experiment.py --quick                           # tiny random models, whole pipeline in ~1 minute
     python experiment.py --variants scd_aw_from_sft,td_from_sft   # distil the SFT student instead of the base one
+    python experiment.py --task jsonl --data train.jsonl,val.jsonl,test.jsonl   # your own task (see data.py)
 
 Stages, each skipped when its output is already complete (and resumed when it was interrupted):
   1. teacher SFT with checkpoint dumps (once per task)        sft.py --role teacher
@@ -65,12 +66,14 @@ PRESETS = {
     "gpu": dict(train=["--preset", "gpu"], test_size=0, minutes=0, lr_grid="1e-5,2e-5,5e-5",
                 sft_lr_grid="5e-6,1e-5,2e-5", grid_val=0),
     "quick": dict(train=["--preset", "cpu", "--train-size", "16", "--val-size", "4", "--max-len", "128",
-                         "--batch-size", "4", "--epochs", "2", "--dtype", "fp32", "--eval-max-new-tokens", "8"],
+                         "--batch-size", "4", "--epochs", "2", "--dtype", "fp32"],
                   test_size=8, minutes=1, lr_grid="1e-3,3e-3", sft_lr_grid="1e-3", grid_val=4),
 }
 BOOTSTRAP = 2000  # paired resamples of the test examples
 QUICK_SIZES = {"train_size": 16, "max_len": 128}  # as in the quick flags above
-QUICK_DISTILL = ["--stages", "2", "--probe-size", "8", "--max-new-tokens", "8"]
+QUICK_MAX_NEW = 8  # the quick preset's generation cap, for tasks that generate their answers
+QUICK_DISTILL = ["--stages", "2"]
+QUICK_PROBE = ["--probe-size", "8"]  # SCD variants only
 QUICK_TEACHER = ["--save-every", "2", "--lr", "3e-3"]
 QUICK_STUDENT = ["--lr", "3e-3"]
 
@@ -112,19 +115,36 @@ class Timer:
 
 def test_eval(model_dir: Path, out: Path, args, test_size: int, device) -> dict:
     """Test metrics of a model dir, written to `out` (JSON)."""
-    max_new = 8 if args.quick else None
-    return evaluate.evaluate_dir(model_dir, args.task, "test", args.data_dir, None, test_size, args.eval_batch_size,
-                                 max_new, device, args.dtype, out=out, progress=True)
+    max_new = QUICK_MAX_NEW if args.quick and args.kind != "choices" else None
+    return evaluate.evaluate_dir(model_dir, args.task, "test", args.data_dir, args.test_file, test_size,
+                                 args.eval_batch_size, max_new, device, args.dtype, out=out, progress=True,
+                                 metric=args.metric)
+
+
+def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_run: Path) -> list[str]:
+    """A variant's own flags: AW's reference only for AW variants, SCD's probe only for SCD (distill.py refuses
+    flags its run would ignore)."""
+    flags = VARIANTS[variant][1]
+    out = list(flags)
+    if "--aw" in flags:
+        out += ["--student-sft", str(student_run), "--aw-table", str(aw_dir / "losses.safetensors")]
+    if flags[flags.index("--schedule") + 1] == "scd":
+        out += ["--probe-cache", str(root / "probe_cache"), *(QUICK_PROBE if args.quick else [])]
+    if args.quick and args.kind != "choices":
+        out += ["--max-new-tokens", str(QUICK_MAX_NEW)]
+    return out
 
 # -----------------------------------------------------------------------------
 # the report
 
 
-def prediction_rows(eval_json: Path, task: str) -> list[dict]:
+def prediction_rows(eval_json: Path, task: str, kind: str | None = None) -> list[dict]:
     """{"id", "gold", "pred"} per test example from evaluate.py's predictions file beside `eval_json`: the mentions
-    (or the label) exactly as the metric compares them."""
+    (or the label, or the normalised text) exactly as the metric compares them."""
     rows = [json.loads(line) for line in eval_json.with_suffix(".predictions.jsonl").read_text().splitlines()]
-    return [{"id": r["id"], "gold": r["gold"], "pred": data.parse_answer(task, r["prediction"])} for r in rows]
+    parse = lambda text: data.parse_answer(task, text, kind)  # noqa: E731
+    return [{"id": r["id"], "gold": r["gold"] if isinstance(r["gold"], list) else parse(r["gold"]),
+             "pred": parse(r["prediction"])} for r in rows]
 
 
 def example_counts(rows: list[dict]) -> np.ndarray:
@@ -171,14 +191,14 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int 
             "lo": float(np.percentile(pooled, 2.5)), "hi": float(np.percentile(pooled, 97.5))}
 
 
-def compare(root: Path, task: str, seeds: list[int], eval_files: dict, variants: list[str]) -> dict:
+def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict, variants: list[str]) -> dict:
     """Write root/predictions/<model>[_s<seed>].jsonl for every evaluated model, and bootstrap every distilled
     variant (and the SFT student) against TD and against the SFT student, paired over the test examples."""
     counts, ids = {}, None
     for key, paths in eval_files.items():
         counts[key] = []
         for seed, path in zip(seeds, paths):
-            rows = prediction_rows(path, task)
+            rows = prediction_rows(path, task, kind)
             if ids is None:
                 ids = [r["id"] for r in rows]
             elif [r["id"] for r in rows] != ids:
@@ -248,14 +268,14 @@ def plot_schedule(root: Path, seed: int, variants: list[str], png: Path) -> str:
 
 def write_report(root: Path, args, seeds: list[int], results: dict, timings: dict, sides: dict, split: dict | None,
                  note: str, command: str):
-    metric = "accuracy" if args.task == "pubmedqa" else "entity F1"
+    metric = {"choices": "accuracy", "entities": "entity F1", "exact": "exact match"}[args.kind]
     rows = [("teacher base", "teacher_base"), ("teacher SFT (final)", "teacher"), ("student base", "student_base"),
             ("student SFT", "student_sft")]
     rows += [(label, v) for v, (label, _) in VARIANTS.items() if v in args.variants]  # paper order, any run order
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     machine = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()}, " \
                                                          f"{torch.get_num_threads()} threads)"
-    lines = [f"# SCD experiment: {args.task}", "",
+    lines = [f"# SCD experiment: {args.task}" + (f" ({args.data}, metric {args.kind})" if args.data else ""), "",
              f"Run {date.today().isoformat()} with the `{args.preset}` preset, seeds {seeds}, on {machine}, "
              f"torch {torch.__version__}.", "", "```", command, "```", "",
              f"## Test {metric} (mean ± std over {len(seeds)} seed{'s' * (len(seeds) > 1)})", "",
@@ -268,7 +288,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
     if intervals:
         lines += ["", f"## Paired bootstrap ({BOOTSTRAP} resamples of the {results.get('n_test', '?')} test examples)",
                   "", "Each resample draws the test examples with replacement (the same draw for both models and every "
-                  "seed) and recomputes micro " + metric + " on both sides; the interval is the 2.5th-97.5th "
+                  "seed) and recomputes the " + metric + " of both sides from the resampled counts; the interval is the 2.5th-97.5th "
                   "percentile of the difference. Pooled = the mean over seeds of the per-seed difference.", "",
                   "| comparison | pooled difference [95 % interval] | per seed | beyond the interval? |",
                   "|---|---|---|---|"]
@@ -319,7 +339,10 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="ncbi_disease", help="ncbi_disease, bc5cdr or pubmedqa")
+    p.add_argument("--task", default="ncbi_disease", help="ncbi_disease, bc5cdr, pubmedqa or jsonl (with --data)")
+    p.add_argument("--data", default=None, help="--task jsonl: train,val,test JSONL files, comma-separated")
+    p.add_argument("--metric", choices=data.METRICS, default=None,
+                   help="how --task jsonl is scored when its files do not say (see data.py)")
     p.add_argument("--seeds", type=int, default=1, help="students per variant (seeds 0..N-1); one teacher")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="sizes of every stage")
     p.add_argument("--quick", action="store_true", help="tiny random models with the real tokenizer and data: "
@@ -329,7 +352,8 @@ def main(argv=None):
                         "start that distillation from the seed's SFT student instead of the base student")
     p.add_argument("--out", default="runs/experiment", help="root dir; everything goes to OUT/TASK/")
     p.add_argument("--models", default="models", help="dir with teacher/ and student/ (made by prepare.py)")
-    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files")
+    p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (default "
+                                                    "../shared/data)")
     p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all; cpu preset 200)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of evaluation")
@@ -342,10 +366,17 @@ def main(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or args.seeds < 1:
         raise UserError(f"--variants {unknown[0]!r}: unknown" if unknown else "--seeds must be at least 1")
+    if args.quick and "preset" in sft.given_flags(p, argv):
+        raise UserError(f"--preset {args.preset}: --quick sets every size itself; drop one of them")
+    data.check_task_flags(args.task, args.data, args.data_dir, args.metric)  # now, not an hour in
+    args.test_file, examples = None, []
     if args.task == "jsonl":
-        raise UserError("--task jsonl: run sft.py/distill.py directly with --data; the experiment is for built-in "
-                        "tasks")
-    data.get_task(args.task)  # refuses an unknown task now, not an hour in
+        files = args.data.split(",")
+        if len(files) != 3 or not all(files):
+            raise UserError(f"--data {args.data}: the experiment needs three files, train,val,test")
+        args.test_file = files[2]
+        examples = data.load_examples("jsonl", "test", data_file=args.test_file, metric=args.metric)
+    args.kind = data.answer_kind(args.task, examples)
     preset = PRESETS["quick" if args.quick else args.preset]
     if args.quick:
         args.preset = "quick"
@@ -362,7 +393,9 @@ def main(argv=None):
     seeds = list(range(args.seeds))
     command = shlex.join(["python", "experiment.py", *(sys.argv[1:] if argv is None else argv)])
 
-    root = Path(args.out) / (f"{args.task}_quick" if args.quick else args.task)
+    name = f"jsonl_{Path(args.test_file).stem.removesuffix('.test').removesuffix('_test')}" if args.test_file \
+        else args.task
+    root = Path(args.out) / (f"{name}_quick" if args.quick else name)
     root.mkdir(parents=True, exist_ok=True)
     models = Path(args.models)
     if args.quick:  # tiny random teacher and student that carry the real tokenizer
@@ -384,15 +417,18 @@ def main(argv=None):
         flags = ["--resume"] if sft.latest_resumable(heal_run) else (["--overwrite"] if heal_run.exists() else [])
         timer.run("heal student", heal.main, ["--teacher", str(models / "teacher"), "--export", str(models / "student"),
                                               "--out", str(heal_run), "--device", str(device), *flags])
-    common = [*preset["train"], "--task", args.task, "--device", str(device),
-              *(["--data-dir", args.data_dir] if args.data_dir else [])]
+    task_flags = ["--task", args.task, *(["--data", args.data] if args.data else []),
+                  *(["--metric", args.metric] if args.metric else []),
+                  *(["--data-dir", args.data_dir] if args.data_dir else [])]
+    common = [*preset["train"], *task_flags, "--device", str(device)]
+    quick_eval = ["--eval-max-new-tokens", str(QUICK_MAX_NEW)] if args.quick and args.kind != "choices" else []
     teacher_run = root / "teacher"
     flags = run_flags(teacher_run, sft_done(teacher_run), sft.latest_resumable(teacher_run) is not None
                       if teacher_run.exists() else False)
     if flags is not None:
         timer.run("teacher SFT", sft.main, ["--role", "teacher", "--model", str(models / "teacher"), "--out",
-                                            str(teacher_run), *common, *(QUICK_TEACHER if args.quick else []),
-                                            *flags])
+                                            str(teacher_run), *common, *quick_eval,
+                                            *(QUICK_TEACHER if args.quick else []), *flags])
     index = sft.read_checkpoint_index(teacher_run)
     results = {"main": {k: [] for k in ["teacher_base", "teacher", "student_base", "student_sft", *args.variants]}}
     evals = root / "evals"
@@ -414,7 +450,7 @@ def main(argv=None):
                           and sft.latest_resumable(student_run) is not None)
         if flags is not None:
             timer.run(f"student SFT s{seed}", sft.main, ["--role", "student", "--model", str(models / "student"),
-                                                         "--out", str(student_run), *s_common,
+                                                         "--out", str(student_run), *s_common, *quick_eval,
                                                          *(QUICK_STUDENT if args.quick else []), *flags])
         student_final = weights.student_sft_checkpoint(student_run)
         path = evals / f"student_sft_s{seed}.json"
@@ -426,7 +462,7 @@ def main(argv=None):
         aw_dir = root / f"weights_s{seed}"
         if not (aw_dir / "sfs_tfs.json").exists():
             timer.run(f"weights s{seed}", weights.main, ["--teacher", str(teacher_run), "--student-sft",
-                                                         str(student_run), "--out", str(aw_dir), "--task", args.task,
+                                                         str(student_run), "--out", str(aw_dir), *task_flags,
                                                          "--preset", "cpu" if args.quick else args.preset,
                                                          "--train-size", str(sizes["train_size"]),
                                                          "--max-len", str(sizes["max_len"]),
@@ -438,10 +474,9 @@ def main(argv=None):
             flags = run_flags(out, done, (out / "resume").exists())
             if flags is not None:
                 timer.run(name, distill.main, [
-                    *VARIANTS[variant][1], "--teacher", str(teacher_run), "--student-sft", str(student_run),
+                    *distill_flags(variant, args, root, aw_dir, student_run), "--teacher", str(teacher_run),
                     "--init", str(student_final if variant.endswith("_from_sft") else models / "student"),
-                    "--aw-table", str(aw_dir / "losses.safetensors"), "--variant", variant, "--out", str(out),
-                    "--eval-split", split, "--eval-size", str(size), "--probe-cache", str(root / "probe_cache"),
+                    "--variant", variant, "--out", str(out), "--eval-split", split, "--eval-size", str(size),
                     *s_common, *(QUICK_DISTILL if args.quick else []), *extra, *flags])
             return read_json(out / "final" / f"eval_{args.task}_{split}.json")
 
@@ -474,14 +509,14 @@ def main(argv=None):
                 if key in sides:
                     continue
                 if items is None:
-                    sft_args = argparse.Namespace(task=args.task, data=None, data_dir=args.data_dir,
-                                                  max_len=sizes["max_len"], refuse_long=False)
+                    sft_args = argparse.Namespace(task=args.task, data=args.data, data_dir=args.data_dir,
+                                                  metric=args.metric, max_len=sizes["max_len"], refuse_long=False)
                     _, train_items = sft.load_split(tok, sft_args, "train", sizes["train_size"])
                     items = {it["id"]: it for it in train_items}
                 sides[key] = side_losses(model_dir, split, items, tok.pad_id, device, args.dtype)
                 atomic_write_text(sides_path, json.dumps(sides, indent=2) + "\n")
 
-    results["intervals"] = compare(root, args.task, seeds, eval_files, args.variants)
+    results["intervals"] = compare(root, args.task, args.kind, seeds, eval_files, args.variants)
     results["lr_search"] = lr_search
     note = plot_schedule(root, seeds[0], args.variants, root / "schedule.png")
     write_report(root, args, seeds, results, timer.times, sides, split, note, command)

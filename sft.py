@@ -54,6 +54,8 @@ def add_common_args(p: argparse.ArgumentParser):
     a = p.add_argument
     a("--task", default="ncbi_disease", help="built-in task (ncbi_disease, bc5cdr, pubmedqa) or 'jsonl' with --data")
     a("--data", default=None, help="JSONL file(s) for --task jsonl, comma-separated train[,val[,test]]")
+    a("--metric", choices=data.METRICS, default=None,
+      help="how --task jsonl is scored when its files do not say: exact, choices or entities (see data.py)")
     a("--data-dir", default=None, help="directory with the built-in tasks' files (default: ../shared/data)")
     a("--out", default=None, help="output run directory")
     a("--preset", choices=sorted(PRESETS), default="cpu", help="sizes: 'cpu' (minutes, default) or 'gpu' (paper)")
@@ -88,6 +90,7 @@ def add_scoring_args(p: argparse.ArgumentParser):
     a = p.add_argument
     a("--task", default="ncbi_disease", help="built-in task or 'jsonl' with --data")
     a("--data", default=None, help="JSONL file(s) for --task jsonl, comma-separated train[,val[,test]]")
+    a("--metric", choices=data.METRICS, default=None, help="how --task jsonl is scored when its files do not say")
     a("--data-dir", default=None, help="directory with the built-in tasks' files (default: ../shared/data)")
     a("--preset", choices=sorted(PRESETS), default="cpu",
       help="fills --train-size and --max-len as the training scripts do, so the examples match")
@@ -101,6 +104,7 @@ def add_scoring_args(p: argparse.ArgumentParser):
 
 
 def resolve_scoring_args(args) -> torch.device:
+    data.check_task_flags(args.task, args.data, args.data_dir, args.metric)
     for key in ("train_size", "max_len"):
         if getattr(args, key) is None:
             setattr(args, key, PRESETS[args.preset][key])
@@ -112,7 +116,9 @@ def resolve_scoring_args(args) -> torch.device:
 
 
 def resolve_args(args, role_defaults: dict):
-    """Fill None flags from the preset, then the role. Also validates numbers a user can get wrong."""
+    """Fill None flags from the preset, then the role. Also validates numbers a user can get wrong, and refuses
+    data flags the task would ignore."""
+    data.check_task_flags(args.task, args.data, args.data_dir, args.metric)
     preset = PRESETS[args.preset]
     for key, value in {**role_defaults, **preset}.items():
         if getattr(args, key, None) is None:
@@ -129,6 +135,22 @@ def resolve_args(args, role_defaults: dict):
     if not 0 <= args.warmup < 1:
         raise UserError(f"--warmup is a fraction of the run in [0, 1), got {args.warmup}")
     return args
+
+
+def given_flags(p: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The dests of the flags written on the command line, told apart from defaults: argparse fills a default only
+    where the namespace has no value yet, so a namespace pre-filled with a sentinel keeps it for every flag not
+    given."""
+    unset = object()
+    ns = argparse.Namespace(**{k: unset for k in vars(p.parse_args(argv))})
+    return {k for k, v in vars(p.parse_args(argv, namespace=ns)).items() if v is not unset}
+
+
+def refuse_unused(given: set[str], unused: dict[str, str]):
+    """One error line for the first flag given that this run would ignore. `unused` maps a dest to the reason."""
+    for dest, why in unused.items():
+        if dest in given:
+            raise UserError(f"--{dest.replace('_', '-')}: {why}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -188,7 +210,8 @@ def load_split(tok, args, split: str, limit: int = 0):
             return [], []
         data_file = files[order]
     examples = data.load_examples(args.task, split, data_dir=args.data_dir, data_file=data_file,
-                                  limit=limit or None, seed=0)  # the same subset for teacher, student, every seed
+                                  limit=limit or None, seed=0,  # the same subset for teacher, student, every seed
+                                  metric=getattr(args, "metric", None))
     items, n_trunc = data.encode_split(tok, examples, args.max_len, refuse_long=args.refuse_long)
     if n_trunc:
         print(f"{args.task}/{split}: {n_trunc} of {len(examples)} examples truncated to --max-len {args.max_len}")
@@ -496,7 +519,7 @@ def validate(model, tok, args, val_examples, val_items, device) -> dict:
     import evaluate
 
     out = {"val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)}
-    if val_examples and args.task != "jsonl":
+    if val_examples:
         metrics, _ = evaluate.evaluate(model, tok, args.task, val_examples, batch_size=args.eval_batch_size,
                                        max_new_tokens=args.eval_max_new_tokens or None, dtype=args.dtype)
         out["val_metric"] = metrics["main"]
@@ -516,6 +539,7 @@ def train(args) -> Path:
     val_examples, val_items = load_split(tok, args, "val", args.val_size)
     if not train_items:
         raise UserError(f"task {args.task}: the training split is empty")
+    data.check_generation_flag(args.task, train_examples, "--eval-max-new-tokens", args.eval_max_new_tokens)
     model = load_model(args.model, device=device)
     out = prepare_out_dir(args.out, config, args.resume, args.overwrite)
     if model.args.vocab_size < tok.vocab_size:

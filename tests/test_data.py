@@ -2,6 +2,7 @@
 truncation, batching, metrics on hand-built cases, and a clear error for every kind of bad input."""
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -434,3 +435,166 @@ def test_bad_tokenizer_dirs(tmp_path):
     plain = tiny_bpe(tmp_path / "plain", ["<s>", "</s>"], {"bos_token": "<s>"})
     with pytest.raises(UserError, match="cannot tell the chat format"):
         data.load_tokenizer(plain)
+
+# -----------------------------------------------------------------------------
+# jsonl tasks with a metric of their own: choices, entities, exact
+
+
+def jsonl_file(path, *records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_jsonl_choices_fixed_labels_hand_computed(tmp_path):
+    path = jsonl_file(tmp_path / "yn.jsonl", {"metric": "choices", "labels": ["yes", "no"]},
+                      {"prompt": "a?", "response": "yes"}, {"prompt": "b?", "response": "no"},
+                      {"prompt": "c?", "response": " yes"})
+    examples = data.load_examples("jsonl", "test", data_file=path)
+    assert [(ex.id, ex.gold, ex.choices, ex.metric) for ex in examples] == [
+        ("yn.jsonl:2", "yes", ("yes", "no"), "choices"), ("yn.jsonl:3", "no", ("yes", "no"), "choices"),
+        ("yn.jsonl:4", "yes", ("yes", "no"), "choices")]
+    s = data.score("jsonl", examples, ["yes", "yes", "no"])
+    # accuracy 1/3; yes: tp 1, 2 predicted, 2 gold -> F1 1/2; no: tp 0 -> F1 0; macro-F1 1/4
+    assert s["main"] == s["accuracy"] == pytest.approx(1 / 3) and s["macro_f1"] == pytest.approx(0.25)
+    assert data.answer_kind("jsonl", examples) == "choices"
+
+
+def test_jsonl_choices_per_example_and_derived(tmp_path):
+    path = jsonl_file(tmp_path / "mc.jsonl",
+                      {"prompt": "q1", "response": "B b", "choices": ["A", "B  b", "C", "D"]},
+                      {"prompt": "q2", "response": "x", "choices": ["x", "y", "z", "w"]})
+    a, b = data.load_examples("jsonl", "test", data_file=path)  # read from the fields: "choices" -> choices
+    assert (a.choices, a.gold, b.choices, b.gold) == (("A", "B b", "C", "D"), "B b", ("x", "y", "z", "w"), "x")
+    assert data.score("jsonl", [a, b], ["B b", "y"])["accuracy"] == 0.5
+    # --metric choices on a plain file: the label set is the file's distinct answers, in order
+    plain = jsonl_file(tmp_path / "plain.jsonl", {"prompt": "1", "response": "pos"}, {"prompt": "2", "response": "neg"},
+                       {"prompt": "3", "response": "pos"})
+    assert [ex.choices for ex in data.load_examples("jsonl", "train", data_file=plain, metric="choices")] == \
+        [("pos", "neg")] * 3
+
+
+def test_jsonl_entities_hand_computed(tmp_path, capsys):
+    path = jsonl_file(tmp_path / "ent.jsonl",
+                      {"prompt": "Sentence: a b and c", "entities": ["a b", "c"]},
+                      {"prompt": "Sentence: d", "response": "d", "entities": ["d"]},
+                      {"prompt": "Sentence: nothing", "entities": []})
+    examples = data.load_examples("jsonl", "test", data_file=path)
+    assert [ex.answer for ex in examples] == ["a b\nc", "d", "None"]  # built from the list, one per line
+    assert examples[0].gold == [("a b", "Entity"), ("c", "Entity")] and examples[2].gold == []
+    s = data.score("jsonl", examples, ["a b\nx", "None", "None"])
+    # tp 1 ("a b"), 2 predicted, 3 gold: P 1/2, R 1/3, F1 2·(1/2)(1/3)/(5/6) = 0.4
+    assert (s["tp"], s["n_pred"], s["n_gold"]) == (1, 2, 3)
+    assert (s["precision"], s["recall"], s["main"]) == (0.5, pytest.approx(1 / 3), pytest.approx(0.4))
+    assert capsys.readouterr().err == ""
+    # --metric entities on a plain file reads the gold mentions from the response
+    plain = jsonl_file(tmp_path / "plain.jsonl", {"prompt": "x y", "response": "x\ny"})
+    assert data.load_examples("jsonl", "train", data_file=plain, metric="entities")[0].gold == \
+        [("x", "Entity"), ("y", "Entity")]
+
+
+def test_jsonl_gold_mention_not_in_text_is_a_warning(tmp_path, capsys):
+    path = jsonl_file(tmp_path / "ent.jsonl",
+                      {"prompt": "aspirin and  ibuprofen", "entities": ["aspirin", "ibuprofen"]},
+                      {"prompt": "none here", "entities": ["heparin", "warfarin"]},
+                      {"prompt": "x", "entities": ["x"]}, {"prompt": "y", "entities": ["z"]})
+    assert len(data.load_examples("jsonl", "train", data_file=path)) == 4
+    err = capsys.readouterr().err.strip()
+    assert err == f"warning: {path}: 3 gold mention(s) are not in their prompt's text (lines 2, 4); a model that " \
+                  "copies mentions cannot find them"
+    data.load_examples("jsonl", "train", data_file=path)  # every stage of a run reads the file: one warning
+    assert capsys.readouterr().err == ""
+
+
+def test_jsonl_exact_normalises_whitespace(tmp_path):
+    path = jsonl_file(tmp_path / "qa.jsonl", {"prompt": "capital?", "response": "Paris"},
+                      {"prompt": "sum?", "response": "4  2"}, {"prompt": "case?", "response": "Rome"})
+    examples = data.load_examples("jsonl", "test", data_file=path)
+    assert data.answer_kind("jsonl", examples) == "exact"
+    assert data.score("jsonl", examples, ["  Paris\n", "4\n2", "rome"])["exact_match"] == pytest.approx(2 / 3)
+
+
+BAD_METRIC_JSONL = {
+    "choice outside the label set": ([{"metric": "choices", "labels": ["yes", "no"]},
+                                      {"prompt": "a", "response": "yes"},
+                                      {"prompt": "b", "response": "maybe"}],
+                                     ":3: answer 'maybe' is not one of the choices (yes, no)"),
+    "answer not among its options": ([{"prompt": "a", "response": "E", "choices": ["A", "B"]}],
+                                     ":1: answer 'E' is not one of the choices (A, B)"),
+    "empty choice list": ([{"prompt": "a", "response": "A", "choices": ["A"]}, {"prompt": "b", "response": "A",
+                                                                              "choices": []}],
+                          ":2: empty 'choices' list"),
+    "empty label set": ([{"metric": "choices", "labels": []}, {"prompt": "a", "response": "b"}], ":1: empty 'labels'"),
+    "repeated choice": ([{"prompt": "a", "response": "A", "choices": ["A", "A "]}], ":1: 'choices' lists 'A' twice"),
+    "a line without its options": ([{"prompt": "a", "response": "A", "choices": ["A", "B"]},
+                                    {"prompt": "b", "response": "A"}], ":2: no 'choices' on this line"),
+    "choices in an entities file": ([{"metric": "entities"}, {"prompt": "a", "response": "b", "choices": ["b"]}],
+                                    ":2: 'choices' given but the file is scored by metric entities"),
+    "header not first": ([{"prompt": "a", "response": "b"}, {"metric": "exact"}],
+                         ":2: 'metric' goes on the first line"),
+    "unknown metric": ([{"metric": "bleu"}, {"prompt": "a", "response": "b"}], ":1: metric 'bleu': expected one of"),
+    "labels for entities": ([{"metric": "entities", "labels": ["x"]}, {"prompt": "a", "response": "b"}],
+                            ":1: 'labels' is for metric choices"),
+    "response disagrees with entities": ([{"prompt": "a b", "response": "a", "entities": ["a", "b"]}],
+                                         ":1: the response does not list the 'entities'"),
+    "entities not a list": ([{"prompt": "a", "entities": "a"}], ":1: 'entities' must be a list of strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_METRIC_JSONL))
+def test_bad_metric_fields_name_file_and_line(case, tmp_path):
+    records, message = BAD_METRIC_JSONL[case]
+    path = jsonl_file(tmp_path / "bad.jsonl", *records)
+    with pytest.raises(UserError) as e:
+        data.load_examples("jsonl", "train", data_file=path)
+    assert str(e.value).startswith(str(path)) and message in str(e.value), str(e.value)
+
+
+def test_metric_flag_against_the_file(tmp_path):
+    path = jsonl_file(tmp_path / "h.jsonl", {"metric": "choices", "labels": ["a", "b"]},
+                      {"prompt": "p", "response": "a"})
+    with pytest.raises(UserError, match=r"h.jsonl:1: the file declares metric 'choices' but --metric exact"):
+        data.load_examples("jsonl", "train", data_file=path, metric="exact")
+    assert data.load_examples("jsonl", "train", data_file=path, metric="choices")[0].choices == ("a", "b")
+    mc = jsonl_file(tmp_path / "mc.jsonl", {"prompt": "p", "response": "a", "choices": ["a", "b"]})
+    with pytest.raises(UserError, match=r"mc.jsonl:1: 'choices' given but the file is scored by metric exact"):
+        data.load_examples("jsonl", "train", data_file=mc, metric="exact")
+
+
+def test_check_task_flags():
+    with pytest.raises(UserError, match=r"^--data my.jsonl: task ncbi_disease reads its own files .* write --task "
+                                        r"jsonl --data my.jsonl$"):
+        data.check_task_flags("ncbi_disease", "my.jsonl", None)
+    with pytest.raises(UserError, match=r"^--data-dir d: --task jsonl reads only the files of --data"):
+        data.check_task_flags("jsonl", "my.jsonl", "d")
+    with pytest.raises(UserError, match=r"^--task jsonl needs --data FILE"):
+        data.check_task_flags("jsonl", None, None)
+    with pytest.raises(UserError, match=r"^--metric exact: task pubmedqa is scored by its own metric \(accuracy\)"):
+        data.check_task_flags("pubmedqa", None, None, "exact")
+    data.check_task_flags("jsonl", "a.jsonl,b.jsonl", None, "entities")
+    data.check_task_flags("bc5cdr", None, "some/dir")
+    with pytest.raises(UserError, match="--max-new-tokens 8: task pubmedqa is scored by the log-probability"):
+        data.check_generation_flag("pubmedqa", [], "--max-new-tokens", 8)
+    data.check_generation_flag("ncbi_disease", [], "--max-new-tokens", 8)
+
+
+def test_example_files_are_what_the_script_makes(capsys):
+    """examples/*.jsonl are exactly examples/make_examples.py's output from the shared data; each loads with its
+    metric, mc4's right option is in its sentence and no distractor is, and no chemical is missing from its text."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_examples
+    kinds = {"yesno": (make_examples.yesno, "choices"), "mc4": (make_examples.mc4, "choices"),
+             "chemicals": (make_examples.chemicals, "entities")}
+    for kind, (make, metric) in kinds.items():
+        for split, n in make_examples.SIZES.items():
+            path = ROOT / "examples" / f"{kind}.{split}.jsonl"
+            assert path.read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make(split))
+            examples = data.load_examples("jsonl", split, data_file=path)
+            assert len(examples) == n and {ex.metric for ex in examples} == {metric}
+            if kind == "mc4":
+                for ex in examples:
+                    sentence = " " + ex.prompt.split("\n\n")[0].removeprefix("Sentence: ") + " "
+                    assert len(ex.choices) == 4 and f" {ex.gold} " in sentence
+                    assert not any(f" {o} " in sentence for o in ex.choices if o != ex.gold)
+            if kind == "yesno":
+                assert {ex.gold for ex in examples} == {"yes", "no"}
+    assert "warning" not in capsys.readouterr().err

@@ -40,13 +40,19 @@ def runs(tmp_path_factory, tokenizer_dir):
 
 
 def argv(runs, out, *extra):
+    """distill.py flags for a tiny run; AW's, SCD's and the evaluation's own flags only where they are used (the
+    script refuses a flag its run would ignore)."""
     root, init = runs
-    return ["--teacher", str(root / "teacher"), "--student-sft", str(root / "student"), "--init", str(init),
-            "--out", str(out), "--probe-cache", str(root / "probe_cache"), "--aw-table", str(root / "no_table"),
+    extra = list(map(str, extra))
+    sched = extra[extra.index("--schedule") + 1] if "--schedule" in extra else "scd"
+    aw = ["--student-sft", str(root / "student"), "--aw-table", str(root / "no_table")] if "--no-aw" not in extra \
+        else []
+    scd = ["--probe-cache", str(root / "probe_cache"), "--probe-size", "3"] if sched == "scd" else []
+    evaluation = ["--eval-size", "2"] if "--eval-split" in extra else ["--eval-split", "none"]
+    return ["--teacher", str(root / "teacher"), "--init", str(init), "--out", str(out), *aw, *scd, *evaluation,
             "--train-size", "8", "--val-size", "2", "--batch-size", "4", "--max-len", "96", "--stages", "2",
-            "--stage-steps", "2", "--probe-size", "3", "--eval-size", "2", "--eval-batch-size", "4",
-            "--log-every", "1", "--device", "cpu", "--lr", "1e-3", "--dtype", "fp32", "--eval-split", "none",
-            *map(str, extra)]
+            "--stage-steps", "2", "--eval-batch-size", "4", "--log-every", "1", "--device", "cpu", "--lr", "1e-3",
+            "--dtype", "fp32", *extra]
 
 
 def read_jsonl(path):

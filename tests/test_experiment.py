@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -103,3 +104,67 @@ def test_paired_bootstrap():
     a4, b4 = np.concatenate([a] * 4), np.concatenate([b] * 4)
     narrow = experiment.paired_bootstrap([a4], [b4], n_resamples=500)["per_seed"][0]
     assert narrow["hi"] - narrow["lo"] < 0.7 * wide
+
+
+EXAMPLES = experiment.Path(experiment.__file__).resolve().parent / "examples"
+
+
+def example_files(kind: str) -> str:
+    return ",".join(str(EXAMPLES / f"{kind}.{split}.jsonl") for split in ("train", "val", "test"))
+
+
+def recomputed(kind: str, rows: list[dict], options: dict) -> float:
+    """The main metric of a predictions file, recomputed from its rows without data.score."""
+    if kind == "choices":
+        assert all(r["prediction"] in options[r["id"]] for r in rows)  # scored, not generated: always an option
+        return sum(r["prediction"] == r["gold"] for r in rows) / len(rows)
+    if kind == "entities":
+        tp = n_pred = n_gold = 0
+        for r in rows:
+            pred = [] if r["prediction"].strip() == "None" else \
+                [" ".join(line.split()) for line in r["prediction"].split("\n") if line.strip()]
+            gold = [m for m, _ in r["gold"]]
+            tp += sum((Counter(pred) & Counter(gold)).values())
+            n_pred, n_gold = n_pred + len(pred), n_gold + len(gold)
+        p = tp / n_pred if n_pred else float(n_gold == 0)
+        r_ = tp / n_gold if n_gold else float(n_pred == 0)
+        return 2 * p * r_ / (p + r_) if p + r_ else 0.0
+    return sum(" ".join(r["prediction"].split()) == " ".join(r["gold"].split()) for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("name,kind", [("mc4", "choices"), ("yesno", "choices"), ("chemicals", "entities"),
+                                       ("exact", "exact")])
+def test_quick_experiment_on_jsonl(name, kind, tmp_path, models_dir):
+    """experiment.py --task jsonl --quick on each example file (and, for exact match, the yes/no questions
+    without their header: plain prompt/response lines): every stage runs, and every reported score equals one
+    recomputed from the written predictions."""
+    files = example_files(name)
+    if name == "exact":
+        lines = {s: (EXAMPLES / f"yesno.{s}.jsonl").read_text().splitlines()[1:] for s in ("train", "val", "test")}
+        assert json.loads(lines["test"][0]).keys() == {"id", "prompt", "response"}
+        for split, rows in lines.items():
+            (tmp_path / f"exact.{split}.jsonl").write_text("\n".join(rows) + "\n")
+        files = ",".join(str(tmp_path / f"exact.{s}.jsonl") for s in ("train", "val", "test"))
+    experiment.main(["--quick", "--task", "jsonl", "--data", files, "--variants", "scd_aw", "--out", str(tmp_path),
+                     "--models", str(models_dir)])
+    root = tmp_path / f"jsonl_{name}_quick"
+    res = json.loads((root / "results.json").read_text())
+    assert res["metric"] == {"choices": "accuracy", "entities": "entity F1", "exact": "exact match"}[kind]
+    assert set(res["main"]) == {"teacher_base", "teacher", "student_base", "student_sft", "scd_aw"}
+    assert res["n_test"] == experiment.PRESETS["quick"]["test_size"]
+    examples = experiment.data.load_examples("jsonl", "test", data_file=files.split(",")[2])
+    assert experiment.data.answer_kind("jsonl", examples) == kind
+    options = {ex.id: ex.choices for ex in examples}
+    evals = {key: root / "evals" / f"{key}.json" for key in ("teacher_base", "teacher", "student_base")}
+    evals.update(student_sft=root / "evals" / "student_sft_s0.json",
+                 scd_aw=root / "scd_aw_s0" / "final" / "eval_jsonl_test.json")
+    for key, path in evals.items():
+        rows = [json.loads(s) for s in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == res["n_test"]
+        assert res["main"][key] == [json.loads(path.read_text())["main"]]
+        assert res["main"][key][0] == pytest.approx(recomputed(kind, rows, options), abs=1e-12), key
+    # SFT validation scores the file's metric too, and AW's table covers the training subset
+    meta = json.loads((root / "teacher" / "step_000002" / "meta.json").read_text())
+    assert 0.0 <= meta["val_metric"] <= 1.0
+    assert (root / "weights_s0" / "losses.safetensors").exists()
+    assert "| SCD+AW |" in (root / "results.md").read_text()

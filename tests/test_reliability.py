@@ -197,3 +197,71 @@ def test_out_dir_problems(tiny, straight, tmp_path):
 ])
 def test_nonsensical_flags(flags, needle, tiny, tmp_path):
     one_line_error(run(sft_cmd(tiny, tmp_path / "o", *flags)), needle)
+
+
+# -----------------------------------------------------------------------------
+# nothing silently ignored: a flag the run would not use is refused, with what to write instead
+
+IGNORED_FLAGS = {  # script, argv, the start of the error
+    "sft --data, built-in task": ("sft", ["--role", "student", "--data", "my.jsonl"],
+                                  "--data my.jsonl: task ncbi_disease reads its own files from --data-dir (default "
+                                  "../shared/data); to use your file write --task jsonl --data my.jsonl"),
+    "sft --data-dir, jsonl": ("sft", ["--task", "jsonl", "--data", "my.jsonl", "--data-dir", "d"],
+                              "--data-dir d: --task jsonl reads only the files of --data; drop --data-dir"),
+    "sft --metric, built-in task": ("sft", ["--task", "pubmedqa", "--metric", "choices"],
+                                    "--metric choices: task pubmedqa is scored by its own metric"),
+    "weights --data": ("weights", ["--data", "my.jsonl"], "--data my.jsonl: task ncbi_disease reads its own files"),
+    "schedule --data-dir, jsonl": ("schedule", ["--task", "jsonl", "--data", "a.jsonl", "--data-dir", "d"],
+                                   "--data-dir d: --task jsonl reads only"),
+    "evaluate --data": ("evaluate", ["--model", "m", "--data", "my.jsonl"], "--data my.jsonl: task ncbi_disease"),
+    "evaluate --metric": ("evaluate", ["--model", "m", "--task", "bc5cdr", "--metric", "exact"],
+                          "--metric exact: task bc5cdr"),
+    "evaluate --split, one jsonl file": ("evaluate", ["--model", "m", "--task", "jsonl", "--data", "a.jsonl",
+                                                  "--split", "val"],
+                                         "--split val: --data a.jsonl is one file, scored whatever the split"),
+    "evaluate --split, no such file": ("evaluate", ["--model", "m", "--task", "jsonl", "--data", "a.jsonl,b.jsonl"],
+                                       "--split test: --data a.jsonl,b.jsonl has no test file"),
+    "distill --data": ("distill", ["--data", "my.jsonl"], "--data my.jsonl: task ncbi_disease"),
+    "distill --alpha with AW": ("distill", ["--alpha", "0.7"], "--alpha: AW sets each sample's weight"),
+    "distill --aw-table without AW": ("distill", ["--no-aw", "--aw-table", "t"], "--aw-table: is AW's reference"),
+    "distill --student-sft without AW": ("distill", ["--no-aw", "--student-sft", "s"], "--student-sft: is AW's"),
+    "distill --td-ckpt with SCD": ("distill", ["--td-ckpt", "final"], "--td-ckpt: is the one teacher of --schedule td"),
+    "distill --probe-size with CD": ("distill", ["--schedule", "cd", "--probe-size", "4"],
+                                     "--probe-size: is SCD's probe; --schedule cd"),
+    "distill --probe-cache with TD": ("distill", ["--schedule", "td", "--probe-cache", "c"], "--probe-cache: is SCD's"),
+    "distill --beta with fkl": ("distill", ["--beta", "0.2"], "--beta: is the β of --loss jsd; --loss fkl"),
+    "distill --lam with jsd": ("distill", ["--loss", "jsd", "--lam", "0.2"], "--lam: is the λ of --loss skew_fkl"),
+    "distill --epochs with --stage-steps": ("distill", ["--stage-steps", "3", "--epochs", "1"],
+                                            "--epochs: --stage-steps sets the length of every stage"),
+    "distill --eval-size without evaluation": ("distill", ["--eval-split", "none", "--eval-size", "4"],
+                                               "--eval-size: there is no final evaluation"),
+    "experiment --data, built-in task": ("experiment", ["--data", "my.jsonl"], "--data my.jsonl: task ncbi_disease"),
+    "experiment --preset with --quick": ("experiment", ["--quick", "--preset", "gpu"],
+                                         "--preset gpu: --quick sets every size itself"),
+    "experiment jsonl, two files": ("experiment", ["--task", "jsonl", "--data", "a.jsonl,b.jsonl"],
+                                    "--data a.jsonl,b.jsonl: the experiment needs three files, train,val,test"),
+}
+
+
+@pytest.mark.parametrize("case", list(IGNORED_FLAGS))
+def test_ignored_flags_are_refused(case, tmp_path, monkeypatch):
+    import importlib
+
+    from model import UserError
+    script, argv, message = IGNORED_FLAGS[case]
+    monkeypatch.chdir(tmp_path)  # nothing to find or write there: the refusal must come first
+    with pytest.raises(UserError) as e:
+        importlib.import_module(script).main(argv)
+    assert str(e.value).startswith(message), str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generation_caps_refused_where_nothing_is_generated(tiny, tmp_path):
+    choices = tmp_path / "yn.jsonl"
+    choices.write_text('{"metric": "choices", "labels": ["yes", "no"]}\n{"prompt": "a?", "response": "yes"}\n')
+    r = run(sft_cmd(tiny, tmp_path / "out", "--task", "jsonl", "--data", f"{choices},{choices}"))
+    one_line_error(r, "--eval-max-new-tokens 8: task jsonl is scored by the log-probability of each choice")
+    assert not (tmp_path / "out").exists()
+    r = run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(tiny), "--task", "pubmedqa",
+             "--max-new-tokens", "8"])
+    one_line_error(r, "--max-new-tokens 8: task pubmedqa is scored by the log-probability of each choice")

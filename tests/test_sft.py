@@ -180,3 +180,41 @@ def test_sft_bad_flags_are_one_line_errors(tiny_model_dir, tmp_path):
                             str(tmp_path / "x"), *flags], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
+
+
+def test_per_example_options_match_transformers(tiny_model_dir, tmp_path):
+    """Options of a multiple-choice file, different per example and of different token lengths: each one's summed
+    log-prob, with its end-of-turn token, equals transformers' on prompt + option + end; a row with fewer options
+    scores -inf in the columns it lacks, and evaluate() predicts each row's best option."""
+    tok = data.load_tokenizer(tiny_model_dir)
+    path = tmp_path / "mc.jsonl"
+    rows = [{"prompt": "Which is a disease? - cancer - aspirin", "response": "cancer",
+             "choices": ["cancer", "aspirin", "breast cancer of the left side"]},
+            {"prompt": "Colour of the sky?", "response": "blue", "choices": ["blue", "dark green"]},
+            {"prompt": "Pick one", "response": "b", "choices": ["a", "b", "c d e f"]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = data.load_examples("jsonl", "test", data_file=path)
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(25 if p.dim() >= 2 else 1)
+    save_model(model, tmp_path / "sharp")
+    options = [list(ex.choices) for ex in examples]
+    ours = evaluate.label_logprobs(model, tok, examples, options, batch_size=2, task="jsonl", end=True)
+    assert ours.shape == (3, 3) and ours[1, 2] == float("-inf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "sharp").eval()
+    lengths = set()
+    for i, ex in enumerate(examples):
+        prompt = data.encode_prompt(tok, ex)
+        for j, option in enumerate(ex.choices):
+            ids = tok.encode(option) + [tok.eos_id]
+            lengths.add(len(ids))
+            with torch.no_grad():
+                logp = hf(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+            ref = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(ids))
+            assert abs(float(ours[i, j]) - ref) < 1e-3, (i, j)
+    assert len(lengths) > 2  # options of several token lengths share a batch
+    metrics, out = evaluate.evaluate(model, tok, "jsonl", examples, batch_size=2)
+    best = [ex.choices[k] for ex, k in zip(examples, ours.argmax(-1).tolist())]
+    assert [r["prediction"] for r in out] == best
+    assert metrics["accuracy"] == sum(b == ex.gold for b, ex in zip(best, examples)) / 3
