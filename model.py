@@ -9,6 +9,7 @@ Also here, because every script needs them: `UserError` and `run_cli` (one-line 
 the atomic file/dir writers (a crash never leaves a half-written file that looks complete).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -369,6 +370,55 @@ def checkpoint_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+SHA256_RECORD_BYTES = 1 << 24  # files from 16 MiB up keep their hash in a record beside them
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, remembered in <file>.sha256.json beside it under the file's (size, mtime_ns).
+
+    The full hash is the strong fingerprint the caches need (a sampled one can miss a retrained tensor), and it
+    costs about a second per GB, so it is taken once per file version: a rewritten file gets a new mtime_ns (and
+    usually size), which is what the record is checked against. Only a rewrite that keeps both size and mtime to
+    the nanosecond (a deliberate `touch -d`) would reuse a stale hash. A read-only dir just hashes every time.
+    """
+    path = Path(path)
+    st = path.stat()
+    record = path.with_name(path.name + ".sha256.json")
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    big = st.st_size >= SHA256_RECORD_BYTES
+    try:
+        saved = json.loads(record.read_text()) if big else {}
+        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    if big:
+        try:
+            atomic_write_text(record, json.dumps({**stamp, "sha256": h.hexdigest()}) + "\n")
+        except OSError:
+            pass
+    return h.hexdigest()
+
+
+def files_fingerprint(paths) -> str:
+    """One sha256 over the names and contents of `paths` (the tokenizer's files, say); order matters."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}\0{file_sha256(p)}\0".encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(path) -> str:
+    """The content fingerprint of a model dir every cache keys on: config.json and each weight file, by sha256.
+    Another path to the same files gives the same fingerprint; a retrained checkpoint in the same dir does not."""
+    path = Path(path)
+    return files_fingerprint([path / "config.json", *checkpoint_files(path)])
 
 
 def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
