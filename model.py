@@ -376,7 +376,8 @@ SHA256_RECORD_BYTES = 1 << 24  # files from 16 MiB up keep their hash in a recor
 
 
 def file_sha256(path) -> str:
-    """sha256 of a file's bytes, remembered in <file>.sha256.json beside it under the file's (size, mtime_ns).
+    """sha256 of a file's bytes; from 16 MiB up, remembered in <file>.sha256.json beside it under the file's
+    (size, mtime_ns).
 
     The full hash is the strong fingerprint the caches need (a sampled one can miss a retrained tensor), and it
     costs about a second per GB, so it is taken once per file version: a rewritten file gets a new mtime_ns (and
