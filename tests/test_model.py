@@ -345,19 +345,20 @@ def test_linear_few_rows_equals_f_linear():
 
 
 def test_content_fingerprints(tmp_path, tiny_model_dir, monkeypatch):
-    """file_sha256 is the sha256 of the bytes; a big file's hash is remembered beside it and taken again only when
-    the file changes; model_fingerprint follows the content (config and weights), not the path."""
+    """file_sha256 is the sha256 of the bytes; a big file's hash is remembered and taken again only when the file
+    changes; model_fingerprint follows the content (config and weights), not the path."""
     import hashlib
     import shutil
 
     import model as model_py
 
+    monkeypatch.setattr(model_py, "SHA256_CACHE", tmp_path / "sha256")
     weights_file = tiny_model_dir / "model.safetensors"
     assert model_py.file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest()
-    assert not (tiny_model_dir / "model.safetensors.sha256.json").exists()  # small: nothing written
+    assert not (tmp_path / "sha256").exists()  # small: nothing remembered
     monkeypatch.setattr(model_py, "SHA256_RECORD_BYTES", 1024)
     first = model_py.file_sha256(weights_file)
-    record = tiny_model_dir / "model.safetensors.sha256.json"
+    [record] = list((tmp_path / "sha256").iterdir())
     assert json.loads(record.read_text())["sha256"] == first
     record.write_text(record.read_text().replace(first, "0" * 64))  # a planted record is what is read back...
     assert model_py.file_sha256(weights_file) == "0" * 64
