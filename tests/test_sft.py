@@ -136,8 +136,8 @@ def test_resume_refuses_any_result_changing_flag_by_name(tiny_model_dir, tmp_pat
     saved = (out / "config.json").read_bytes()
     for key, value in RESULT_FLAGS.items():
         old = json.loads(saved)[key]
-        with pytest.raises(UserError, match=f"^--resume: {re.escape(str(out))}/config.json has {key}={old!r} but this run has "
-                                            f"{key}=.* resume with the same flags$"):
+        with pytest.raises(UserError, match=f"^--resume: {re.escape(str(out))}/config.json has {key}={old!r} but "
+                                            f"this run has {key}=.* resume with the same flags$"):
             run_sft(tiny_model_dir, out, "--max-steps", "1", "--resume", f"--{key.replace('_', '-')}", value)
         assert (out / "config.json").read_bytes() == saved, key
     run_sft(tiny_model_dir, out, "--max-steps", "1", "--resume", "--log-every", "3", "--eval-batch-size", "2")
