@@ -36,7 +36,7 @@ import evaluate
 import schedule
 import sft
 import weights
-from model import UserError, load_model, run_cli
+from model import UserError, load_model, model_fingerprint, run_cli
 
 # lr and epochs as the student's SFT: the same data budget for every row of the comparison
 DEFAULTS = {k: sft.ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
@@ -177,33 +177,39 @@ def objective_sum(kd: torch.Tensor, ce: torch.Tensor, w: torch.Tensor) -> torch.
 # one optimiser step
 
 
-def student_losses_for(items: list[dict], paths, expect: dict) -> torch.Tensor | None:
-    """L_stuSFT of each item from the first loss table in `paths` that was made for this task, max length and SFT
-    student and holds every item's id; None if none does."""
+def student_losses_for(items: list[dict], paths, key: dict) -> tuple[torch.Tensor | None, list[str]]:
+    """L_stuSFT of each item from the first loss table in `paths` made under `key` (weights.table_key) from these
+    very examples, or None; and why each table that exists was passed over."""
+    why = []
     for path in paths:
         if not Path(path).is_file():
+            why.append(f"{path}: not found")
             continue
         ids, columns, meta = weights.load_losses(path)
-        row = {i: k for k, i in enumerate(ids)}
-        same = all(str(meta.get(k)) == str(v) for k, v in expect.items())
-        if same and weights.STUDENT in columns and all(it["id"] in row for it in items):
-            return columns[weights.STUDENT][[row[it["id"]] for it in items]]
-    return None
+        reason = "it has no L_stuSFT column" if weights.STUDENT not in columns else \
+            weights.table_mismatch(meta, ids, items, key)
+        if reason is None:
+            row = {i: k for k, i in enumerate(ids)}
+            return columns[weights.STUDENT][[row[it["id"]] for it in items]], why
+        why.append(f"{path}: {reason}")
+    return None, why
 
 
-def student_sft_lookup(args, items: list[dict], pad_id: int, student_sft: Path, out: Path, device):
+def student_sft_lookup(args, items: list[dict], tok, student_sft: Path, out: Path, device):
     """ids -> L_stuSFT (B,): from weights.py's table when it matches this run, else scored here once (and kept in
     out/aw_losses.safetensors for a resume)."""
-    expect = {"task": args.task, "max_len": args.max_len, "student_sft": student_sft.resolve()}
+    key = weights.table_key(args.task, args.max_len, args.dtype, device, tok.files, student_sft)
     own = out / "aw_losses.safetensors"
-    losses = student_losses_for(items, [args.aw_table, own], expect)
+    losses, why = student_losses_for(items, [args.aw_table, own], key)
     if losses is None:
-        print(f"--aw-table {args.aw_table} does not cover this run: scoring the SFT student {student_sft}")
+        print(f"--aw-table {args.aw_table} does not match this run ({'; '.join(why)}): "
+              f"scoring the SFT student {student_sft}")
         model = load_model(student_sft, device=device)
-        losses = weights.sample_losses(model, items, pad_id, args.eval_batch_size, device, args.dtype, "L_stuSFT")
+        losses = weights.sample_losses(model, items, tok.pad_id, args.eval_batch_size, device, args.dtype,
+                                       "L_stuSFT")
         del model
         weights.save_losses(own, [it["id"] for it in items], {weights.STUDENT: losses},
-                            {k: str(v) for k, v in expect.items()})
+                            {**key, "item_digests": [weights.item_digest(it) for it in items]})
     by_id = dict(zip((it["id"] for it in items), losses.tolist()))
     return lambda ids: torch.tensor([by_id[i] for i in ids])
 
@@ -348,7 +354,8 @@ def main(argv=None):
                                                                  "the frozen L_stuSFT of AW")
     p.add_argument("--init", default="models/student", help="model dir the distilled student starts from")
     p.add_argument("--aw-table", default="runs/aw/losses.safetensors",
-                   help="L_stuSFT table from weights.py; computed here if it does not match this run")
+                   help="L_stuSFT table from weights.py; used only if made from these examples, tokenizer, SFT "
+                        "student weights, --dtype and device kind, else L_stuSFT is computed here")
     p.add_argument("--variant", default=None, help="run name (default from --schedule, --aw, --loss); "
                                                    "--out defaults to runs/distill/<variant>")
     p.add_argument("--save-every", type=int, default=0,
@@ -384,7 +391,6 @@ def distill(args) -> Path:
                         f"checkpoint(s) in {args.teacher} and none may serve two stages")
     checkpoints = dict(sft.list_checkpoints(args.teacher))
     student_sft = check_inputs(args, checkpoints)
-    config = {**vars(args), "device": str(device)}
     sft.seed_everything(args.seed)
     tok = data.load_tokenizer(args.init)
     train_examples, train_items = sft.load_split(tok, args, "train", args.train_size)
@@ -392,7 +398,14 @@ def distill(args) -> Path:
     if not train_items:
         raise UserError(f"task {args.task}: the training split is empty")
     data.check_generation_flag(args.task, train_examples, "--max-new-tokens", args.max_new_tokens)
-    out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite)  # only once all inputs are good
+    # the content of every input, so --resume refuses a retrained teacher or an edited data file by name
+    inputs = {"train": sft.items_fingerprint(train_items), "val": sft.items_fingerprint(val_items),
+              "init": model_fingerprint(args.init), "teacher": {str(s): model_fingerprint(p) for s, p in
+                                                                checkpoints.items()},
+              "student_sft": model_fingerprint(student_sft) if student_sft else None}
+    config = {**vars(args), "device": str(device), "inputs": inputs}
+    # only once all inputs are good; --save-every places resume states only, the run is bit-identical without
+    out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite, sft.RESUME_FREE + ("save_every",))
     steps_per_epoch = len(sft.build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
     total = math.ceil(args.epochs * steps_per_epoch)
     if args.max_steps:
@@ -403,12 +416,12 @@ def distill(args) -> Path:
 
     loss_student_sft = None
     if args.aw:
-        loss_student_sft = student_sft_lookup(args, train_items, tok.pad_id, student_sft, out, device)
+        loss_student_sft = student_sft_lookup(args, train_items, tok, student_sft, out, device)
     cache = None
     probe = schedule.probe_items(train_items, args.probe_size, args.seed)
     if args.schedule == "scd":
-        cache = schedule.ProbeCache(args.probe_cache, probe, list(checkpoints.items()))
-        cache.build(tok.pad_id, args.eval_batch_size, device, args.dtype)
+        cache = schedule.ProbeCache(args.probe_cache, probe, list(checkpoints.items()), args.dtype, device, tok.files)
+        cache.build(tok.pad_id, args.eval_batch_size)
 
     stage, k, chosen, tokens_seen, state = 0, 0, None, 0, None
     teacher, teacher_step = None, None

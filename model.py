@@ -5,10 +5,12 @@ instances of this one model. Parameter names are Hugging Face's (`model.layers.{
 so any LlamaForCausalLM checkpoint loads with a strict state-dict load and no mapping table, and what we save
 loads back into transformers.
 
-Also here, because every script needs them: `UserError` and `run_cli` (one-line errors instead of tracebacks) and
-the atomic file/dir writers (a crash never leaves a half-written file that looks complete).
+Also here, because every script needs them: `UserError` and `run_cli` (one-line errors instead of tracebacks),
+the atomic file/dir writers (a crash never leaves a half-written file that looks complete), and the content
+fingerprint of a model dir that every cache and resume check keys on (`model_fingerprint`).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -369,6 +371,61 @@ def checkpoint_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+SHA256_RECORD_BYTES = 1 << 24  # files from 16 MiB up have their hash remembered in SHA256_CACHE
+SHA256_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scd-distill" / "sha256"
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes. For a file from 16 MiB up it is remembered in SHA256_CACHE (one small JSON per
+    file, under ~/.cache) with the file's real path, inode, size and mtime_ns, and taken again only when one of
+    them changes.
+
+    The full hash is the strong fingerprint the caches need (a sampled one can miss a retrained tensor); it costs
+    about a second per GB, so it is taken once per file version: a rewritten file has a new mtime_ns (and usually
+    size and inode). Only a rewrite in place that keeps the size and sets the old mtime back to the nanosecond
+    (a deliberate `touch -d`) would reuse a stale hash. The record lives in the user's cache, not beside the
+    weights, so model dirs stay as they are and read-only ones (a shared or hub cache) work; a copied model dir is
+    hashed once more under its new path. Where the cache cannot be written, every call hashes.
+    """
+    path = Path(path)
+    real = path.resolve()
+    st = real.stat()
+    stamp = {"path": str(real), "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    big = st.st_size >= SHA256_RECORD_BYTES
+    record = SHA256_CACHE / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(record.read_text()) if big else {}
+        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    if big:
+        try:
+            atomic_write_text(record, json.dumps({**stamp, "sha256": h.hexdigest()}) + "\n")
+        except OSError:
+            pass
+    return h.hexdigest()
+
+
+def files_fingerprint(paths) -> str:
+    """One sha256 over the names and contents of `paths` (the tokenizer's files, say); order matters."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}\0{file_sha256(p)}\0".encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(path) -> str:
+    """The content fingerprint of a model dir every cache keys on: config.json and each weight file, by sha256.
+    Another path to the same files gives the same fingerprint; a retrained checkpoint in the same dir does not."""
+    path = Path(path)
+    return files_fingerprint([path / "config.json", *checkpoint_files(path)])
 
 
 def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:

@@ -13,7 +13,8 @@ own convergence path. CD walks the checkpoints in training order, evenly over th
 (or the final) teacher.
 
 The probe cache holds the answer-token log-probabilities (N, V) of every candidate checkpoint on the probe set, one
-safetensors file each under a dir named by a hash of the probe tokens and the checkpoint files. Each checkpoint's
+safetensors file each under a dir named by a hash of all they depend on (probe tokens, tokenizer, dtype, device
+kind, the checkpoints' content). Each checkpoint's
 forward runs once, ever; Metric 1 is then computed once per run, and each re-selection needs only the student's
 forward on the probe set.
 """
@@ -21,6 +22,7 @@ forward on the probe set.
 import argparse
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 import data
 import sft
-from model import UserError, checkpoint_files, load_model, read_json, run_cli
+from model import UserError, files_fingerprint, load_model, model_fingerprint, read_json, run_cli
 from weights import save_tensors
 
 SCHEDULES = ("scd", "cd", "td")
@@ -40,11 +42,15 @@ PROBE_ROWS = 256  # tokens per slice of the metric KLs: bounds the (n, V) tempor
 
 
 def token_mean_kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
-    """(1/N) Σ_j Σ_v p_jv (log p_jv − log q_jv); 0 for an empty probe."""
+    """(1/N) Σ_j Σ_v p_jv (log p_jv − log q_jv); 0 for an empty probe.
+
+    A term with p = 0 is 0, even where log p = -inf (a -inf logit), as in distill.kl_rows; q = 0 under p > 0 gives
+    +inf, which is what the KL is."""
     total = 0.0
     for i in range(0, logp.shape[0], PROBE_ROWS):
         lp, lq = logp[i:i + PROBE_ROWS].float(), logq[i:i + PROBE_ROWS].float()
-        total += float((lp.exp() * (lp - lq)).sum())
+        p = lp.exp()
+        total += float((p * torch.where(p > 0, lp - lq, 0.0)).sum())
     return total / max(logp.shape[0], 1)
 
 
@@ -64,8 +70,13 @@ def metric2(student_logp: torch.Tensor, ckpt_logp: torch.Tensor) -> float:
 
 
 def scd_choice(m1: dict[int, float], m2: dict[int, float]) -> int:
-    """SCD: argmin_c Metric 1 (c) + Metric 2 (c); a tie goes to the earlier checkpoint."""
-    return min(m1, key=lambda s: (m1[s] + m2[s], s))
+    """SCD: argmin_c Metric 1 (c) + Metric 2 (c) over the candidates whose sum is finite; a tie goes to the earlier
+    checkpoint. A NaN would compare false with everything and could win min(); it is never chosen."""
+    finite = [s for s in m1 if math.isfinite(m1[s] + m2[s])]
+    if not finite:
+        raise UserError(f"SCD: Metric 1 + Metric 2 is not finite for any teacher checkpoint ({sorted(m1)}); "
+                        "the probe log-probs hold NaN or the checkpoints put zero probability on the student's tokens")
+    return min(finite, key=lambda s: (m1[s] + m2[s], s))
 
 
 def cd_choice(steps: list[int], stage: int, n_stages: int) -> int:
@@ -80,6 +91,18 @@ def td_choice(index: dict, final: bool = False) -> int:
     if final:
         return index["final"] if index["final"] is not None else index["steps"][-1]
     return index["best"]
+
+
+def candidate(step: int, m1: float | None, m2: float | None) -> dict:
+    """One schedule.jsonl candidate. A non-finite metric is written as null with "finite": false (JSON has no NaN),
+    so the record shows why SCD passed the checkpoint over."""
+    if m1 is None:
+        return {"ckpt": step, "metric1": None, "metric2": None, "sum": None}
+    total = m1 + m2
+    if math.isfinite(total):
+        return {"ckpt": step, "metric1": m1, "metric2": m2, "sum": total}
+    return {"ckpt": step, "metric1": m1 if math.isfinite(m1) else None, "metric2": m2 if math.isfinite(m2) else None,
+            "sum": None, "finite": False, "non_finite": {"metric1": str(m1), "metric2": str(m2)}}
 
 
 class Scheduler:
@@ -112,8 +135,7 @@ class Scheduler:
             free = [s for s in steps if not (self.distinct and s in self.used)]
             chosen = scd_choice({s: m1[s] for s in free}, m2)
         self.used.add(chosen)
-        candidates = [{"ckpt": s, "metric1": m1.get(s), "metric2": m2.get(s),
-                       "sum": m1[s] + m2[s] if m1 else None} for s in steps]
+        candidates = [candidate(s, m1.get(s), m2.get(s)) for s in steps]
         return chosen, {"stage": stage, "step": step, "schedule": self.kind, "chosen": chosen,
                         "candidates": candidates}
 
@@ -125,7 +147,8 @@ def format_table(record: dict, best: int) -> str:
     for c in record["candidates"]:
         vals = " ".join(f"{c[k]:>10.4f}" if c[k] is not None else f"{'-':>10}" for k in ("metric1", "metric2", "sum"))
         mark = "  <--" if c["ckpt"] == record["chosen"] else ""
-        lines.append(f"{c['ckpt']:>12} {vals}{mark}" + ("  (best)" if c["ckpt"] == best else ""))
+        lines.append(f"{c['ckpt']:>12} {vals}{mark}" + ("  (best)" if c["ckpt"] == best else "")
+                     + ("  (non-finite: never chosen)" if c.get("finite") is False else ""))
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
@@ -154,31 +177,34 @@ def probe_logprobs(model, items: list[dict], pad_id: int, batch_size: int, devic
 
 
 class ProbeCache:
-    """Log-probs (N, V) of each teacher checkpoint on the probe set: root/probe-<hash>/step_XXXXXX.safetensors.
+    """Log-probs (N, V) of each teacher checkpoint on the probe set: root/probe-<key>/step_XXXXXX.safetensors.
 
-    The hash covers the probe's tokens and labels and each checkpoint's step, weight-file size and mtime, so a
-    changed probe, tokenisation or retrained teacher never reads stale values.
+    The key is a hash of everything the values depend on: the probe's ids, tokens and labels (which carry the
+    task, chat template and --max-len), the tokenizer's files, the dtype, the device kind, and each checkpoint's
+    step and content fingerprint (model.model_fingerprint). Any change is another key, so it is computed afresh;
+    stale values are never read.
     """
 
-    def __init__(self, root, items: list[dict], checkpoints: list[tuple[int, Path]]):
-        self.items, self.paths = items, dict(checkpoints)
-        files = {s: [f.stat() for f in checkpoint_files(Path(p))] for s, p in checkpoints}
-        fingerprint = {"probe": [[it["id"], it["input_ids"], it["labels"]] for it in items],
-                       "checkpoints": [[s, [[f.st_size, f.st_mtime_ns] for f in fs]] for s, fs in files.items()]}
-        key = hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:16]
-        self.dir = Path(root) / f"probe-{key}"
+    def __init__(self, root, items: list[dict], checkpoints: list[tuple[int, Path]], dtype: str = "fp32",
+                 device="cpu", tokenizer_files=()):
+        self.items, self.paths, self.dtype, self.device = items, dict(checkpoints), dtype, torch.device(device)
+        self.key = {"probe": [[it["id"], it["input_ids"], it["labels"]] for it in items],
+                    "tokenizer": files_fingerprint(tokenizer_files), "dtype": dtype, "device": self.device.type,
+                    "checkpoints": [[s, model_fingerprint(p)] for s, p in checkpoints]}
+        self.dir = Path(root) / f"probe-{hashlib.sha256(json.dumps(self.key).encode()).hexdigest()[:16]}"
 
     def file(self, step: int) -> Path:
         return self.dir / f"{sft.checkpoint_name(step)}.safetensors"
 
-    def build(self, pad_id: int, batch_size: int, device, dtype: str = "fp32"):
+    def build(self, pad_id: int, batch_size: int):
         """Run each checkpoint whose file is missing over the probe set, one model in memory at a time."""
         todo = [s for s in self.paths if not self.file(s).exists()]
         for step in tqdm(todo, desc="probe cache", disable=not todo, leave=False):
-            model = load_model(self.paths[step], device=device)
-            logp = probe_logprobs(model, self.items, pad_id, batch_size, device, dtype)
+            model = load_model(self.paths[step], device=self.device)
+            logp = probe_logprobs(model, self.items, pad_id, batch_size, self.device, self.dtype)
             del model
-            save_tensors(self.file(step), {"logp": logp}, {"step": str(step), "n_probe": str(len(self.items))})
+            save_tensors(self.file(step), {"logp": logp}, {"step": str(step), "n_probe": str(len(self.items)),
+                                                          "dtype": self.dtype, "device": self.device.type})
         return self
 
     def load(self, step: int) -> torch.Tensor:
@@ -228,8 +254,8 @@ def main(argv=None):
     tok = data.load_tokenizer(args.student)
     _, items = sft.load_split(tok, args, "train", args.train_size)
     probe = probe_items(items, args.probe_size, args.seed)
-    cache = ProbeCache(args.probe_cache, probe, checkpoints)
-    cache.build(tok.pad_id, args.batch_size, device, args.dtype)
+    cache = ProbeCache(args.probe_cache, probe, checkpoints, args.dtype, device, tok.files)
+    cache.build(tok.pad_id, args.batch_size)
     student = load_model(args.student, device=device)
     _, record = Scheduler("scd", index, 1, cache).select(
         0, 0, lambda: probe_logprobs(student, probe, tok.pad_id, args.batch_size, device, args.dtype))

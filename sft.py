@@ -14,6 +14,7 @@ with resume state, metrics.jsonl, output-dir checks.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -342,38 +343,81 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def prepare_out_dir(out, config: dict, resume: bool, overwrite: bool) -> Path:
-    """Make sure --out is ours to write: refuse another run's dir unless --resume or --overwrite."""
+# config keys that do not change what a run computes, so --resume may differ in them: where the output goes and
+# how it is logged, the device (the same math; rounding aside), --preset (its values are resolved into the other
+# keys, which are compared), the no-grad scoring batch size (padding is masked: the same values up to rounding),
+# and the cache locations (their contents are keyed by what they depend on)
+RESUME_FREE = ("resume", "overwrite", "out", "log_every", "eval_batch_size", "device", "preset", "probe_cache",
+               "aw_table")
+
+
+def config_diff(old, new, name: str = "") -> tuple[str, object, object] | None:
+    """The first (key, old value, new value) where two resolved configs differ, descending into dicts (so a
+    fingerprint names its model: inputs.teacher.4); a key the old config lacks (an older version) is skipped."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in new:
+            if k in old:
+                found = config_diff(old[k], new[k], f"{name}.{k}" if name else str(k))
+                if found:
+                    return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):  # JSON turns tuples into lists
+        return next((d for d in (config_diff(a, b, name) for a, b in zip(old, new)) if d), None)
+    return None if old == new else (name, old, new)
+
+
+def prepare_out_dir(out, config: dict, resume: bool, overwrite: bool, free=RESUME_FREE) -> Path:
+    """Make sure --out is ours to write: refuse another run's dir unless --resume or --overwrite.
+
+    --resume compares every key of the resolved config except those in `free` (which do not change the result)
+    with out/config.json, and refuses the first difference by name. The saved config.json is the record of the
+    run: a resume leaves it as it is.
+    """
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
+    saved = out / "config.json"
     if out.exists() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)
         elif not resume:
             raise UserError(f"--out {out}: already holds a run; pass --resume to continue it or --overwrite "
                             "to replace it")
-        else:
-            old = read_json(out / "config.json") if (out / "config.json").exists() else {}
-            keys = ("role", "model", "task", "seed", "batch_size", "grad_accum", "lr", "epochs", "max_len",
-                    "train_size", "schedule", "aw", "stages")
-            diff = [k for k in keys if k in old and k in config and old[k] != config[k]]
+        elif saved.exists():
+            old = read_json(saved)
+            diff = config_diff({k: v for k, v in old.items() if k not in free},
+                               {k: v for k, v in json.loads(json.dumps(config)).items() if k not in free})
             if diff:
-                k = diff[0]
-                raise UserError(f"--resume: {out}/config.json has {k}={old[k]!r} but this run has "
-                                f"{k}={config[k]!r}; resume with the same flags")
+                k, a, b = diff
+                raise UserError(f"--resume: {saved} has {k}={short(a)} but this run has {k}={short(b)}; "
+                                "resume with the same flags")
     elif resume:
         raise UserError(f"--resume: {out} holds no run to resume")
     try:
         out.mkdir(parents=True, exist_ok=True)
         for tmp in out.glob(".tmp-*"):  # what a killed run was writing: never complete, never listed
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        if not (resume and saved.exists()):
+            atomic_write_text(saved, json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise UserError(f"--out {out}: cannot write ({e.strerror})") from None
     return out
+
+
+def short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def items_fingerprint(items: list[dict]) -> str:
+    """sha256 of the encoded examples (ids, tokens, labels): an edited data file or another template is another
+    fingerprint, even under the same flags."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it["id"], it["input_ids"], it["labels"]]).encode())
+    return h.hexdigest()
 
 
 def checkpoint_name(step: int) -> str:
@@ -531,7 +575,6 @@ def train(args) -> Path:
     """The whole SFT run for one role, top to bottom. Returns the final checkpoint dir."""
     device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device)
-    config = {**vars(args), "device": str(device)}
     seed_everything(args.seed)
     # everything a user can get wrong is checked before --out is touched
     tok = data.load_tokenizer(args.model)
@@ -540,6 +583,8 @@ def train(args) -> Path:
     if not train_items:
         raise UserError(f"task {args.task}: the training split is empty")
     data.check_generation_flag(args.task, train_examples, "--eval-max-new-tokens", args.eval_max_new_tokens)
+    config = {**vars(args), "device": str(device),
+              "inputs": {"train": items_fingerprint(train_items), "val": items_fingerprint(val_items)}}
     model = load_model(args.model, device=device)
     out = prepare_out_dir(args.out, config, args.resume, args.overwrite)
     if model.args.vocab_size < tok.vocab_size:

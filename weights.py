@@ -13,6 +13,7 @@ on the Teacher-Favored Subdomain (TFS), w > ½ and the teacher dominates. The an
 """
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 import data
 import sft
-from model import UserError, atomic_write_text, load_model, run_cli
+from model import UserError, atomic_write_text, files_fingerprint, load_model, model_fingerprint, run_cli
 
 LOSS_FLOOR = 1e-12  # a zero loss becomes this before the log: w stays defined when a model is perfect
 LOSS_CEIL = 1e30  # an inf loss becomes this, so inf/inf cannot give NaN
@@ -158,6 +159,35 @@ def load_losses(path) -> tuple[list[str], dict[str, torch.Tensor], dict]:
     return ids, columns, meta
 
 
+def item_digest(item: dict) -> str:
+    """A short hash of an encoded example: its id, tokens and labels, so the template, tokenizer, --max-len and the
+    text itself are all in it (an edited JSONL line keeps its `file:line` id but not its digest)."""
+    return hashlib.sha256(json.dumps([item["id"], item["input_ids"], item["labels"]]).encode()).hexdigest()[:16]
+
+
+def table_key(task: str, max_len: int, dtype: str, device, tokenizer_files, student_dir) -> dict:
+    """What a table's L_stuSFT values depend on besides the examples: task, max length, dtype, device kind, the
+    tokenizer's files and the SFT student's weights (model.model_fingerprint); the path only for the reader."""
+    return {"task": task, "max_len": max_len, "dtype": dtype, "device": torch.device(device).type,
+            "tokenizer": files_fingerprint(tokenizer_files), "student_sft": str(Path(student_dir).resolve()),
+            "student_sft_fingerprint": model_fingerprint(student_dir)}
+
+
+def table_mismatch(meta: dict, ids: list[str], items: list[dict], key: dict) -> str | None:
+    """Why a table (its meta and ids) cannot give these items' L_stuSFT, or None if it can: a key entry differs, or
+    an item is missing or was encoded from other tokens."""
+    for k, v in key.items():
+        if k != "student_sft" and str(meta.get(k)) != str(v):
+            return f"its {k} is {meta.get(k)!r}, this run's is {v!r}"
+    digests = dict(zip(ids, meta.get("item_digests") or []))
+    for it in items:
+        if it["id"] not in digests:
+            return f"it has no example {it['id']!r}"
+        if digests[it["id"]] != item_digest(it):
+            return f"example {it['id']!r} was scored from other tokens"
+    return None
+
+
 def student_sft_checkpoint(run_dir) -> Path:
     """The frozen SFT student: the final checkpoint of its run (the newest if the run has no final yet)."""
     index = sft.read_checkpoint_index(run_dir)
@@ -205,8 +235,10 @@ def main(argv=None):
         print(f"{name}: mean answer CE {columns[name].mean():.4f} ({path})")
 
     out = Path(args.out)
-    meta = {"task": args.task, "max_len": args.max_len, "teacher": str(args.teacher),
-            "student_sft": str(student_dir.resolve()), "steps": steps, "best": index["best"], "final": index["final"]}
+    meta = {**table_key(args.task, args.max_len, args.dtype, device, tok.files, student_dir),
+            "teacher": str(args.teacher), "steps": steps, "best": index["best"], "final": index["final"],
+            "models": {name: model_fingerprint(path) for name, path in runs},
+            "item_digests": [item_digest(it) for it in items]}
     save_losses(out / "losses.safetensors", ids, columns, meta)
     analysis = {}
     for role in ("best", "final"):

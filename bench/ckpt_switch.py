@@ -110,8 +110,8 @@ def main():
     probe = schedule.probe_items(items, a.probe_size, 0)
     student = load_model(a.student)
     with tempfile.TemporaryDirectory() as tmp:
-        cache = schedule.ProbeCache(tmp, probe, [(1, Path(a.checkpoint))])
-        t_build, _ = timed(lambda: cache.build(tok.pad_id, a.eval_batch_size, device, a.dtype))
+        cache = schedule.ProbeCache(tmp, probe, [(1, Path(a.checkpoint))], a.dtype, device, tok.files)
+        t_build, _ = timed(lambda: cache.build(tok.pad_id, a.eval_batch_size))
         steps = list(range(1, a.checkpoints + 1))
         index = {"steps": steps, "best": steps[-1], "final": steps[-1]}
         scheduler = schedule.Scheduler("scd", index, a.stages, OneFileCache(cache, 1))

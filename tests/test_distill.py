@@ -133,11 +133,11 @@ def test_aw_uses_the_weights_table_and_its_losses(runs, tmp_path):
     distill.main(a)
     assert not (out / "aw_losses.safetensors").exists()
     # and the same values as the run that scored the student itself
-    items = [{"id": i} for i in ids]
     own = tmp_path / "own"
     distill.main(argv(runs, own, "--schedule", "td"))
-    torch.testing.assert_close(
-        distill.student_losses_for(items, [own / "aw_losses.safetensors"], {}), cols["student_sft"])
+    own_ids, own_cols, _ = weights.load_losses(own / "aw_losses.safetensors")
+    assert own_ids == ids
+    torch.testing.assert_close(own_cols["student_sft"], cols["student_sft"])
 
 
 def test_aw_weights_come_from_the_teacher_logits_of_the_kd_term(runs, tokenizer_dir):
@@ -276,3 +276,104 @@ def test_kill_9_then_resume_is_bit_identical(when, runs, straight_run, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(straight_run / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_any_result_changing_flag_or_input(runs, tmp_path):
+    """--resume names the first flag or input content that differs from the run's config.json and leaves the run
+    untouched; a flag that does not change results (--log-every, --save-every) may differ."""
+    root, init = runs
+    out = tmp_path / "run"
+    base = ("--schedule", "scd", "--no-aw", "--stage-steps", "1")
+    distill.main(argv(runs, out, *base))
+    saved = (out / "config.json").read_bytes()
+    other_teacher = tmp_path / "teacher_copy"
+    shutil.copytree(root / "teacher", other_teacher)
+    changes = {"stage_steps": ("--stage-steps", "2"), "loss": ("--loss", "rkl"), "temperature": ("--temperature", "2"),
+               "alpha": ("--alpha", "0.3"), "lr": ("--lr", "2e-3"), "probe_size": ("--probe-size", "2"),
+               "aw": ("--aw",), "schedule": ("--schedule", "cd"), "stages": ("--stages", "3"),
+               "seed": ("--seed", "1"), "dtype": ("--dtype", "bf16"), "max_len": ("--max-len", "80")}
+    for key, flag in changes.items():
+        with pytest.raises(UserError, match=f"config.json has {key}=.* but this run has {key}="):
+            distill.main(argv(runs, out, *base, "--resume", *flag))
+        assert (out / "config.json").read_bytes() == saved, key
+    for flag, key in (("--teacher", "teacher"), ("--init", "init")):
+        a = argv(runs, out, *base, "--resume")
+        a[a.index(flag) + 1] = str(other_teacher if flag == "--teacher" else root / "s")
+        with pytest.raises(UserError, match=f"has {key}="):
+            distill.main(a)
+    # the same path, retrained in place: the content fingerprint differs, and the message names the checkpoint
+    a = argv(runs, out, *base, "--resume")
+    a[a.index("--teacher") + 1] = str(other_teacher)
+    shutil.copy2(other_teacher / "step_000002" / "model.safetensors", other_teacher / "step_000004")
+    config = json.loads(saved)
+    config["teacher"] = str(other_teacher)  # as if the run had been started on this dir
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="config.json has inputs.teacher.4="):
+        distill.main(a)
+    (out / "config.json").write_bytes(saved)
+    distill.main(argv(runs, out, *base, "--resume", "--log-every", "3", "--save-every", "1"))
+    assert (out / "config.json").read_bytes() == saved
+
+
+def aw_table(path, items, tok, student_dir, **change):
+    """An L_stuSFT table as weights.py writes it, scored here from the student's own forward."""
+    key = {**weights.table_key("ncbi_disease", 96, "fp32", "cpu", tok.files, student_dir), **change}
+    losses = weights.sample_losses(load_model(student_dir), items, tok.pad_id, 4, torch.device("cpu"))
+    weights.save_losses(path, [it["id"] for it in items], {weights.STUDENT: losses},
+                        {**key, "item_digests": [weights.item_digest(it) for it in items]})
+    return key, losses
+
+
+def test_aw_table_is_used_only_when_made_for_this_run(runs, tmp_path, tokenizer_dir):
+    """A table is matched on task, max length, dtype, device kind, tokenizer, the SFT student's weights and every
+    example's tokens; any difference is named and the values are not used."""
+    root, init = runs
+    tok = data.load_tokenizer(tokenizer_dir)
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=4), 96)
+    student = root / "student" / "step_000003"
+    table = tmp_path / "t.safetensors"
+    key, losses = aw_table(table, items, tok, student)
+    got, why = distill.student_losses_for(items[::-1], [table], key)
+    assert why == [] and torch.equal(got, losses.flip(0))  # by id, in the items' order
+
+    def refused(items=items, **change):
+        got, why = distill.student_losses_for(items, [table], {**key, **change})
+        assert got is None and len(why) == 1
+        return why[0]
+
+    assert "its dtype is 'fp32', this run's is 'bf16'" in refused(dtype="bf16")
+    assert "device" in refused(device="cuda")
+    assert "max_len" in refused(max_len=80)
+    assert "task" in refused(task="bc5cdr")
+    assert "tokenizer" in refused(tokenizer="0" * 64)
+    # the SFT student retrained in the same dir: same path, other weights
+    retrained = tmp_path / "student"
+    shutil.copytree(student, retrained)
+    aw_table(table, items, tok, retrained)
+    shutil.copy2(init / "model.safetensors", retrained / "model.safetensors")
+    moved = weights.table_key("ncbi_disease", 96, "fp32", "cpu", tok.files, retrained)
+    got, why = distill.student_losses_for(items, [table], moved)
+    assert got is None and "student_sft_fingerprint" in why[0]
+    aw_table(table, items, tok, student)
+    # an edited example under its old id (a JSONL line keeps its file:line id), and one the table never saw
+    edited = [dict(it) for it in items]
+    edited[1]["input_ids"] = edited[1]["input_ids"][:-2] + [edited[1]["input_ids"][-1]] * 2
+    assert "was scored from other tokens" in refused(items=edited)
+    assert "has no example" in refused(items=items + [{**items[0], "id": "new"}])
+
+
+def test_distill_rescores_when_the_table_is_stale(runs, tmp_path):
+    """weights.py's table for an SFT student that was then retrained in place: distill.py scores it again."""
+    root, init = runs
+    student_run = tmp_path / "student"
+    shutil.copytree(root / "student", student_run)
+    weights.main(["--teacher", str(root / "teacher"), "--student-sft", str(student_run), "--out", str(tmp_path / "aw"),
+                  "--train-size", "8", "--max-len", "96", "--batch-size", "4", "--device", "cpu", "--steps", "best"])
+    shutil.copy2(init / "model.safetensors", student_run / "step_000003" / "model.safetensors")
+    a = argv(runs, tmp_path / "run", "--schedule", "td", "--stages", "1", "--stage-steps", "1")
+    a[a.index("--aw-table") + 1] = str(tmp_path / "aw" / "losses.safetensors")
+    a[a.index("--student-sft") + 1] = str(student_run)
+    distill.main(a)
+    ids, cols, _ = weights.load_losses(tmp_path / "run" / "aw_losses.safetensors")
+    old_ids, old, _ = weights.load_losses(tmp_path / "aw" / "losses.safetensors")
+    assert ids == old_ids and not torch.allclose(cols[weights.STUDENT], old[weights.STUDENT])

@@ -342,3 +342,32 @@ def test_linear_few_rows_equals_f_linear():
     x = torch.randn(2, 3, 64)
     layer(x).sum().backward()  # with grad it is plain F.linear, which autograd knows
     torch.testing.assert_close(layer.weight.grad, x.sum((0, 1))[None].expand(96, -1))
+
+
+def test_content_fingerprints(tmp_path, tiny_model_dir, monkeypatch):
+    """file_sha256 is the sha256 of the bytes; a big file's hash is remembered and taken again only when the file
+    changes; model_fingerprint follows the content (config and weights), not the path."""
+    import hashlib
+    import shutil
+
+    import model as model_py
+
+    monkeypatch.setattr(model_py, "SHA256_CACHE", tmp_path / "sha256")
+    weights_file = tiny_model_dir / "model.safetensors"
+    assert model_py.file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert not (tmp_path / "sha256").exists()  # small: nothing remembered
+    monkeypatch.setattr(model_py, "SHA256_RECORD_BYTES", 1024)
+    first = model_py.file_sha256(weights_file)
+    [record] = list((tmp_path / "sha256").iterdir())
+    assert json.loads(record.read_text())["sha256"] == first
+    record.write_text(record.read_text().replace(first, "0" * 64))  # a planted record is what is read back...
+    assert model_py.file_sha256(weights_file) == "0" * 64
+    weights_file.write_bytes(weights_file.read_bytes()[:-4] + b"\0\0\0\1")  # ...until the file changes
+    assert model_py.file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest() != first
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_py.model_fingerprint(copy) == model_py.model_fingerprint(tiny_model_dir)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5000.0}))
+    assert model_py.model_fingerprint(copy) != model_py.model_fingerprint(tiny_model_dir)

@@ -1,6 +1,7 @@
 """schedule.py: the two metrics, SCD/CD/TD on constructed checkpoints, Metric 1 once per run, the probe cache."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import data
 import schedule
 import sft
-from model import load_model
+from model import UserError, load_model
 from schedule import Scheduler, cd_choice, metric1, metric2, scd_choice, td_choice
 
 
@@ -157,17 +158,133 @@ def test_probe_cache_runs_each_checkpoint_once(tiny_teacher_run, tmp_path, monke
     real_load = schedule.load_model
     monkeypatch.setattr(schedule, "load_model", lambda p, **kw: loads.append(p) or real_load(p, **kw))
     ckpts = sft.list_checkpoints(run)
-    cache = schedule.ProbeCache(tmp_path / "cache", probe, ckpts).build(tok.pad_id, 2, torch.device("cpu"))
+    cache = schedule.ProbeCache(tmp_path / "cache", probe, ckpts, "fp32", "cpu", tok.files).build(tok.pad_id, 2)
     assert len(loads) == 3 and sorted(p.name for p in cache.dir.iterdir()) == \
         ["step_000002.safetensors", "step_000004.safetensors", "step_000006.safetensors"]
-    again = schedule.ProbeCache(tmp_path / "cache", probe, ckpts).build(tok.pad_id, 2, torch.device("cpu"))
+    again = schedule.ProbeCache(tmp_path / "cache", probe, ckpts, "fp32", "cpu", tok.files).build(tok.pad_id, 2)
     assert again.dir == cache.dir and len(loads) == 3  # all cached: no model loaded
     n_tokens = sum(sum(1 for y in it["labels"][1:] if y != -100) for it in probe)
     assert cache.load(4).shape == (n_tokens, load_model(run / "step_000004").args.vocab_size)
-    # another probe set or a retrained checkpoint is another key
-    assert schedule.ProbeCache(tmp_path / "cache", schedule.probe_items(items, 3, 1), ckpts).dir != cache.dir
-    (run / "step_000004" / "model.safetensors").touch()
-    assert schedule.ProbeCache(tmp_path / "cache", probe, ckpts).dir != cache.dir
+
+
+def test_probe_cache_is_keyed_by_everything_its_values_depend_on(tiny_teacher_run, tmp_path):
+    """Another probe, dtype, device kind, tokenizer or weight content is another cache dir; a touched file with the
+    same bytes is not (the key is the content, not the mtime)."""
+    run, tok = tiny_teacher_run
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=6), 160)
+    probe = schedule.probe_items(items, 3, seed=0)
+    ckpts = sft.list_checkpoints(run)
+
+    def key_dir(probe=probe, dtype="fp32", device="cpu", files=tuple(tok.files)):
+        return schedule.ProbeCache(tmp_path / "cache", probe, ckpts, dtype, device, files).dir
+
+    base = key_dir()
+    assert key_dir() == base
+    assert key_dir(probe=schedule.probe_items(items, 3, 1)) != base
+    assert key_dir(dtype="bf16") != base
+    assert key_dir(device="cuda:0") != base and key_dir(device="cuda:0") == key_dir(device="cuda:1")
+    edited = tmp_path / "tok"
+    edited.mkdir()
+    for f in tok.files:
+        (edited / f.name).write_bytes(f.read_bytes())
+    assert key_dir(files=[edited / f.name for f in tok.files]) == base  # same bytes elsewhere: same key
+    cfg = edited / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace("}", ', "x": 1}', 1))
+    assert key_dir(files=[edited / f.name for f in tok.files]) != base
+    weights_file = run / "step_000004" / "model.safetensors"
+    weights_file.touch()
+    assert key_dir() == base
+    weights_file.write_bytes((run / "step_000002" / "model.safetensors").read_bytes())  # retrained in place
+    assert key_dir() != base
+
+
+def test_token_mean_kl_zero_probability_convention():
+    """p = 0 terms are 0, as in distill.kl_rows, even for a -inf logit; q = 0 under p > 0 is +inf."""
+    a, b = torch.randn(4, 9), torch.randn(4, 9)
+    a[:, 3] = float("-inf")  # p_3 = 0
+    p, q = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
+    keep = p > 0
+    ref = float(torch.where(keep, p * (p.log() - q.log()), 0.0).sum(-1).mean())
+    got = schedule.token_mean_kl(logp(a), logp(b))
+    assert got == pytest.approx(ref, rel=1e-5) and got == got
+    b[1, 0] = float("-inf")  # q_0 = 0 on a token where p_0 > 0
+    assert schedule.token_mean_kl(logp(a), logp(b)) == float("inf")
+
+
+def test_scd_never_chooses_a_non_finite_candidate():
+    nan, inf = float("nan"), float("inf")
+    assert scd_choice({10: nan, 20: 1.0, 30: 0.5}, {10: 0.0, 20: 0.5, 30: 2.0}) == 20
+    assert scd_choice({10: 0.1, 20: 1.0}, {10: inf, 20: 0.5}) == 20
+    with pytest.raises(UserError, match="not finite for any"):
+        scd_choice({10: nan, 20: inf}, {10: 0.0, 20: 0.0})
+    # a NaN in a checkpoint's probe log-probs: reported as non-finite in the record, and passed over
+    a, b, table, index = constructed()
+    table[200] = table[200].clone()
+    table[200][0, 0] = nan
+    chosen, record = Scheduler("scd", index, 3, FakeCache(table)).select(0, 0, lambda: logp(a))
+    assert chosen != 200
+    rows = {c["ckpt"]: c for c in record["candidates"]}
+    assert rows[200]["finite"] is False and rows[200]["sum"] is None and rows[200]["metric1"] is None
+    assert "finite" not in rows[chosen] and rows[chosen]["sum"] == min(r["sum"] for r in rows.values()
+                                                                       if r["sum"] is not None)
+    json.dumps(record, allow_nan=False)  # valid JSON for schedule.jsonl
+    assert "never chosen" in schedule.format_table(record, 300)
+
+
+def test_scd_on_hand_built_checkpoints(tmp_path, tokenizer_dir):
+    """Real checkpoints whose metrics are known, through the probe cache and the scheduler: U predicts the uniform
+    distribution u (zero final norm), B is a sharp random model (the best, by val loss), M is B at half its logit
+    scale. With the student at U: Metric 1 (B) = 0 and Metric 2 (U) = 0; Metric 1 (U) = log V − H(p_B) and Metric 2
+    (B) = KL(u ‖ p_B), both about σ²/2 for logits of spread σ, while M is about σ²/8 from each, so SCD must take M.
+    Every value is recomputed in float64 from the models' full forward passes."""
+    from conftest import make_tiny_model
+
+    tok = data.load_tokenizer(tokenizer_dir)
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=6), 80)
+    run = tmp_path / "teacher"
+    base = load_model(make_tiny_model(tmp_path / "b", tokenizer_dir, seed=9))
+    models = {}
+    for step, scale, val_loss in ((1, 0.0, 3.0), (2, 20.0, 2.5), (3, 40.0, 2.0)):  # U, M, B
+        m = load_model(tmp_path / "b")
+        with torch.no_grad():
+            m.model.norm.weight.mul_(scale)
+        sft.save_checkpoint(run, step, m, tok, {"step": step, "val_loss": val_loss})
+        models[step] = m
+    index = sft.write_checkpoint_index(run, final=3)
+    assert index["best"] == 3
+
+    def hand_logp(model):  # (N, V) float64 log-probs at every answer position, one unpadded item at a time
+        rows = []
+        with torch.no_grad():
+            for it in items:
+                lp = torch.log_softmax(model(torch.tensor([it["input_ids"]]))[0].double(), -1)
+                rows += [lp[t] for t, y in enumerate(it["labels"][1:]) if y != -100]
+        return torch.stack(rows)
+
+    def kl(a, b):  # token-mean KL(a ‖ b) from float64 log-probs
+        return float((a.exp() * (a - b)).sum(-1).mean())
+
+    ref = {s: hand_logp(m) for s, m in models.items()}
+    log_v = math.log(base.args.vocab_size)
+    assert torch.allclose(ref[1], torch.full_like(ref[1], -log_v))  # U is exactly uniform
+    m1 = {s: kl(ref[3], ref[s]) for s in ref}
+    m2 = {s: kl(ref[1], ref[s]) for s in ref}
+    entropy_b = float(-(ref[3].exp() * ref[3]).sum(-1).mean())
+    assert m1[1] == pytest.approx(log_v - entropy_b, rel=1e-9) and m1[3] == 0 and m2[1] == 0
+    sums = {s: m1[s] + m2[s] for s in ref}
+    assert sums[2] < 0.75 * min(sums[1], sums[3])  # a clear winner, as the closed forms say
+
+    probe = schedule.probe_items(items, 6, seed=0)
+    cache = schedule.ProbeCache(tmp_path / "cache", probe, sft.list_checkpoints(run), "fp32", "cpu", tok.files)
+    cache.build(tok.pad_id, 4)
+    student = models[1]
+    chosen, record = Scheduler("scd", index, 1, cache).select(
+        0, 0, lambda: schedule.probe_logprobs(student, probe, tok.pad_id, 4, torch.device("cpu")))
+    assert chosen == 2 == min(sums, key=sums.get)
+    rows = {c["ckpt"]: c for c in record["candidates"]}
+    for s in ref:
+        assert rows[s]["metric1"] == pytest.approx(m1[s], rel=1e-4, abs=1e-5), s
+        assert rows[s]["metric2"] == pytest.approx(m2[s], rel=1e-4, abs=1e-5), s
 
 
 def test_schedule_cli_prints_the_table(tiny_teacher_run, tmp_path, capsys, tokenizer_dir):

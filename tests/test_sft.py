@@ -1,6 +1,7 @@
 """sft.py and evaluate.py on a tiny random Llama carrying the real tokenizer, trained on real NCBI-disease text."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -119,6 +120,41 @@ def test_out_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path):
         run_sft(tiny_model_dir, tmp_path / "run", "--max-steps", "1")
     with pytest.raises(UserError, match="--resume: .* has lr=0.003 but this run has lr=0.1"):
         run_sft(tiny_model_dir, tmp_path / "run", "--max-steps", "1", "--resume", "--lr", "0.1")
+
+
+# every flag that changes what the run computes, with a value other than run_sft's
+RESULT_FLAGS = {"lr": "0.1", "warmup": "0.2", "weight_decay": "0.1", "max_steps": "2", "seed": "1",
+                "grad_accum": "2", "batch_size": "2", "max_len": "128", "train_size": "12", "val_size": "2",
+                "epochs": "3", "save_every": "1", "eval_max_new_tokens": "4", "task": "bc5cdr", "role": "student"}
+
+
+def test_resume_refuses_any_result_changing_flag_by_name(tiny_model_dir, tmp_path):
+    """--resume compares every resolved flag except the few that do not change results, names the first that
+    differs, and leaves the run's config.json as it was; --log-every or --eval-batch-size may differ."""
+    out = tmp_path / "run"
+    run_sft(tiny_model_dir, out, "--max-steps", "1")
+    saved = (out / "config.json").read_bytes()
+    for key, value in RESULT_FLAGS.items():
+        old = json.loads(saved)[key]
+        with pytest.raises(UserError, match=f"^--resume: {re.escape(str(out))}/config.json has {key}={old!r} but "
+                                            f"this run has {key}=.* resume with the same flags$"):
+            run_sft(tiny_model_dir, out, "--max-steps", "1", "--resume", f"--{key.replace('_', '-')}", value)
+        assert (out / "config.json").read_bytes() == saved, key
+    run_sft(tiny_model_dir, out, "--max-steps", "1", "--resume", "--log-every", "3", "--eval-batch-size", "2")
+    assert (out / "config.json").read_bytes() == saved  # the record of the run as it was started
+
+
+def test_resume_refuses_edited_data(tiny_model_dir, tmp_path):
+    """The same flags over an edited data file: the examples' fingerprint differs, and the refusal says which."""
+    rows = [{"prompt": f"Name {i}?", "response": f"item {i}"} for i in range(12)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ("--task", "jsonl", "--data", str(train), "--max-steps", "1")
+    run_sft(tiny_model_dir, tmp_path / "run", *flags)
+    rows[3]["response"] = "edited"  # its id stays train.jsonl:4
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="config.json has inputs.train="):
+        run_sft(tiny_model_dir, tmp_path / "run", *flags, "--resume")
 
 
 def test_lr_schedule():

@@ -1,5 +1,7 @@
 """weights.py: the AW formula, per-sample token means, the SFS/TFS split, the loss table."""
 
+import math
+
 import pytest
 import torch
 
@@ -75,6 +77,60 @@ def test_sample_losses_match_a_per_example_forward(tiny_model_dir):
             keep = labels != -100
             ref.append(torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
     torch.testing.assert_close(ours, torch.stack(ref), atol=1e-5, rtol=1e-5)
+
+
+def hand_losses(model, items) -> list[float]:
+    """Token-mean answer CE per item in float64: full forward of the unpadded item, labels shifted by hand."""
+    out = []
+    with torch.no_grad():
+        for it in items:
+            logp = torch.log_softmax(model(torch.tensor([it["input_ids"]]))[0].double(), -1)  # (T, V)
+            terms = [-logp[t, y] for t, y in enumerate(it["labels"][1:]) if y != -100]  # position t predicts t + 1
+            out.append(float(sum(terms) / len(terms)))
+    return out
+
+
+def test_sample_losses_and_sfs_tfs_from_hand_built_models(tmp_path, tokenizer_dir):
+    """Two models whose losses are known: one with a zero final norm predicts the uniform distribution, so its
+    loss is exactly log V on every sample; the other is fitted to two of the samples, so it beats uniform there
+    and loses elsewhere. sample_losses (padded, length-sorted batches) must give the hand values in the items'
+    order, and the SFS/TFS split and gaps must follow from them."""
+    from conftest import make_tiny_model
+    import torch.nn.functional as F
+
+    tok = data.load_tokenizer(tokenizer_dir)
+    pool, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=16), 80)
+    items = pool[:6]
+    uniform = load_model(make_tiny_model(tmp_path / "u", tokenizer_dir, seed=5))
+    with torch.no_grad():
+        uniform.model.norm.weight.zero_()  # logits exactly 0
+    fitted = load_model(make_tiny_model(tmp_path / "f", tokenizer_dir, seed=6))
+    opt = torch.optim.Adam(fitted.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = sum(F.cross_entropy(fitted(torch.tensor([it["input_ids"]]))[0, :-1], torch.tensor(it["labels"][1:]),
+                                   ignore_index=-100) for it in (items[0], items[3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cpu = torch.device("cpu")
+    log_v = math.log(uniform.args.vocab_size)
+    l_uniform = weights.sample_losses(uniform, items, tok.pad_id, 4, cpu)
+    torch.testing.assert_close(l_uniform, torch.full((6,), log_v), rtol=1e-6, atol=1e-5)
+    l_fitted = weights.sample_losses(fitted, items, tok.pad_id, 4, cpu)
+    ref = hand_losses(fitted, items)
+    torch.testing.assert_close(l_fitted.double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+    ids = [it["id"] for it in items]
+    split = sfs_tfs(ids, l_fitted, l_uniform)  # the fitted model as the student, uniform as the teacher
+    sfs = [i for i, r in zip(ids, ref) if r < log_v]
+    tfs = [i for i, r in zip(ids, ref) if r >= log_v]
+    assert ids[0] in sfs and ids[3] in sfs and tfs  # both sides are populated, so the split is tested
+    assert split["sfs_ids"] == sfs and split["tfs_ids"] == tfs
+    assert split["sfs_gap"] == pytest.approx(sum(log_v - r for r in ref if r < log_v) / len(sfs), rel=1e-5)
+    assert split["tfs_gap"] == pytest.approx(sum(r - log_v for r in ref if r >= log_v) / len(tfs), rel=1e-5)
+    # and AW's weight on them: L_stuSFT / (L_stuSFT + L_ckpt)
+    torch.testing.assert_close(aw_weight(l_fitted, l_uniform).double(),
+                               torch.tensor([r / (r + log_v) for r in ref], dtype=torch.float64), rtol=1e-4, atol=1e-5)
 
 
 def test_loss_table_round_trip(tmp_path):
