@@ -293,8 +293,13 @@ def test_resume_refuses_any_result_changing_flag_or_input(runs, tmp_path):
                "aw": ("--aw",), "schedule": ("--schedule", "cd"), "stages": ("--stages", "3"),
                "seed": ("--seed", "1"), "dtype": ("--dtype", "bf16"), "max_len": ("--max-len", "80")}
     for key, flag in changes.items():
+        b = list(base)  # argv() gives AW and SCD their own flags from the base: switch them there
+        if key == "aw":
+            b.remove("--no-aw")
+        elif key == "schedule":
+            b[b.index("scd")], flag = "cd", ()
         with pytest.raises(UserError, match=f"config.json has {key}=.* but this run has {key}="):
-            distill.main(argv(runs, out, *base, "--resume", *flag))
+            distill.main(argv(runs, out, *b, "--resume", *flag))
         assert (out / "config.json").read_bytes() == saved, key
     for flag, key in (("--teacher", "teacher"), ("--init", "init")):
         a = argv(runs, out, *base, "--resume")
