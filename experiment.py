@@ -498,7 +498,7 @@ def main(argv=None):
 
         if seed == seeds[0]:  # the paper's theory, measured on the first seed: loss on SFS and TFS examples
             analysis = read_json(aw_dir / "sfs_tfs.json")
-            split = next((v for k, v in analysis.items() if k.startswith("final")), next(iter(analysis.values())))
+            split = weights.final_split(analysis)
             sides_path = root / "sides.json"
             sides = read_json(sides_path) if sides_path.exists() else {}
             tok = data.load_tokenizer(models / "student")
