@@ -11,6 +11,11 @@ the answer-token count of the whole optimiser step. Output in runs/distill/<vari
 layout), schedule.jsonl (one line per teacher choice), metrics.jsonl, config.json, resume/ (for --resume) and the
 final evaluation in final/eval_<task>_<split>.json.
 
+Beyond the paper, each off by default (issue #16): --candidates N walks N of the teacher run's checkpoints,
+--metric-balance and --forward-only change how SCD chooses (schedule.py), --aw-anchor current replaces L_stuSFT by
+the student's own loss at each stage start (stage_anchor), and --sides logs the student's loss on the SFS and TFS
+examples after every stage.
+
 Divergences take answer-position logits (N, V) of the student and the teacher and return one value per token (N,),
 so the caller can weight each sample. They work in fp32 log-space: probabilities only ever multiply a difference of
 log_softmax outputs, and a zero probability contributes 0, so there is no 0 * log 0, even for -inf logits. `chunked`

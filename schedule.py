@@ -91,9 +91,9 @@ def balance_metrics(m1: dict[int, float], m2: dict[int, float], kind: str = "non
         weight:  Metric 1 (c) + w · Metric 2 (c)                       (w = --metric2-weight)
         spread:  Metric 1 (c) / spread1 + Metric 2 (c) / spread2,      spread_i = max_c − min_c of Metric i
 
-    over the candidates SCD may choose at this stage whose sum is finite. A spread of 0 (one candidate, or all equal) divides by 1: a metric
-    that is the same for every candidate cannot decide, and any other divisor leaves it just as constant. Returns
-    the two terms whose sum SCD minimises, and what was used, for schedule.jsonl.
+    over the candidates SCD may choose at this stage whose sum is finite. A spread of 0 (one candidate, or all
+    equal) divides by 1: a metric that is the same for every candidate cannot decide, and any other divisor leaves
+    it just as constant. Returns the two terms whose sum SCD minimises, and what was used, for schedule.jsonl.
     """
     if kind == "none":
         return m1, m2, {}

@@ -6,6 +6,10 @@ checkpoint is the frozen SFT reference that AW compares against. Both roles run 
     python sft.py --role teacher        # models/teacher -> runs/teacher/step_XXXXXX/ ...
     python sft.py --role student        # models/student -> runs/student/step_XXXXXX/ ...
 
+Where the teacher's footsteps are is --spacing (not a choice the paper discusses): even (the paper, and the
+default), geometric (dense early, where the teacher moves most) or val_loss (at equal shares of the validation
+loss's drop); --checkpoints sets how many.
+
 The loss is cross-entropy on answer tokens only, divided by the number of answer tokens in the whole accumulated
 batch, so `--grad-accum` does not change the gradient. The LM head runs only at answer positions.
 
@@ -656,6 +660,8 @@ def train(args) -> Path:
         total = min(total, args.max_steps)
     warmup = int(args.warmup * total)
     spacing = getattr(args, "spacing", "even")
+    if spacing == "val_loss" and not val_items:
+        raise UserError(f"--spacing val_loss: task {args.task} has no validation examples to measure the drop on")
     if spacing == "val_loss":  # every eval step saves a candidate; the footsteps are chosen from them at the end
         eval_every = args.eval_every or math.ceil(total / (4 * args.checkpoints))
         save_at = set(even_steps(total, eval_every))

@@ -330,3 +330,26 @@ def test_val_loss_spacing_run(tiny_model_dir, tmp_path):
     for s, p in sft.list_checkpoints(out):
         assert json.loads((p / "meta.json").read_text())["val_loss"] == curve[s]
     assert {int(k): v for k, v in index["val_curve"].items()} == curve
+
+
+def test_val_loss_spacing_resumes_to_the_same_footsteps(tiny_model_dir, tmp_path, monkeypatch):
+    args = ("--epochs", "2", "--spacing", "val_loss", "--checkpoints", "2", "--eval-every", "2", "--dtype", "fp32")
+    run_sft(tiny_model_dir, tmp_path / "straight", *args)
+    real_update = sft.apply_update
+
+    def crash(optimizer, lr, step, loss, grad_norm):
+        if step == 5:  # the candidates at 2 and 4 are saved, the one at 6 not yet
+            raise RuntimeError("simulated crash")
+        real_update(optimizer, lr, step, loss, grad_norm)
+
+    monkeypatch.setattr(sft, "apply_update", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sft(tiny_model_dir, tmp_path / "resumed", *args)
+    monkeypatch.setattr(sft, "apply_update", real_update)
+    assert [s for s, _ in sft.list_checkpoints(tmp_path / "resumed")] == [2, 4]
+    run_sft(tiny_model_dir, tmp_path / "resumed", *args, "--resume")
+    a, b = (json.loads((tmp_path / r / "checkpoints.json").read_text()) for r in ("straight", "resumed"))
+    assert a == b and a["steps"][-1] == 8 and len(a["val_curve"]) == 5  # step 0 (logged once) and 2, 4, 6, 8
+    for s in a["steps"]:
+        x, y = (load_file(tmp_path / r / sft.checkpoint_name(s) / "model.safetensors") for r in ("straight", "resumed"))
+        assert all(torch.equal(x[k], y[k]) for k in x)
