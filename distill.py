@@ -41,7 +41,7 @@ import evaluate
 import schedule
 import sft
 import weights
-from model import UserError, load_model, model_fingerprint, run_cli
+from model import UserError, load_model, model_fingerprint, read_json, run_cli
 
 # lr and epochs as the student's SFT: the same data budget for every row of the comparison
 DEFAULTS = {k: sft.ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
@@ -334,8 +334,6 @@ def stage_anchor(out: Path, stage: int, student, items: list[dict], tok, args, d
 def read_sides(path, items: list[dict]) -> dict[str, list[str]]:
     """SFS and TFS ids of weights.py's sfs_tfs.json (the final teacher's split, as experiment.py uses), refused when
     it names examples this run does not train on."""
-    from model import read_json
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--sides {path}: not found; weights.py writes sfs_tfs.json")
