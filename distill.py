@@ -11,6 +11,11 @@ the answer-token count of the whole optimiser step. Output in runs/distill/<vari
 layout), schedule.jsonl (one line per teacher choice), metrics.jsonl, config.json, resume/ (for --resume) and the
 final evaluation in final/eval_<task>_<split>.json.
 
+Beyond the paper, each off by default (issue #16): --candidates N walks N of the teacher run's checkpoints,
+--metric-balance and --forward-only change how SCD chooses (schedule.py), --aw-anchor current replaces L_stuSFT by
+the student's own loss at each stage start (stage_anchor), and --sides logs the student's loss on the SFS and TFS
+examples after every stage.
+
 Divergences take answer-position logits (N, V) of the student and the teacher and return one value per token (N,),
 so the caller can weight each sample. They work in fp32 log-space: probabilities only ever multiply a difference of
 log_softmax outputs, and a zero probability contributes 0, so there is no 0 * log 0, even for -inf logits. `chunked`
@@ -36,7 +41,7 @@ import evaluate
 import schedule
 import sft
 import weights
-from model import UserError, load_model, model_fingerprint, run_cli
+from model import UserError, load_model, model_fingerprint, read_json, run_cli
 
 # lr and epochs as the student's SFT: the same data budget for every row of the comparison
 DEFAULTS = {k: sft.ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
@@ -281,7 +286,7 @@ def check_inputs(args, checkpoints: dict) -> Path | None:
     named = {f"--teacher {args.teacher}/{sft.checkpoint_name(s)}": p for s, p in checkpoints.items()}
     named[f"--init {args.init}"] = Path(args.init)
     student_sft = None
-    if args.aw:
+    if args.aw and args.aw_anchor == "sft":
         student_sft = weights.student_sft_checkpoint(args.student_sft)
         named[f"--student-sft {student_sft}"] = student_sft
     schedule.check_same_vocab(named)
@@ -297,19 +302,85 @@ def used_checkpoints(schedule_log: Path) -> list[int]:
     return [json.loads(line)["chosen"] for line in schedule_log.read_text().splitlines() if line.strip()]
 
 
+def candidate_checkpoints(args, index: dict, checkpoints: dict) -> tuple[dict, dict]:
+    """The teacher checkpoints this run may use: all of them, or --candidates N of them placed by
+    --candidate-spacing on the same run (sft.subset_steps). SCD's Metric 1 still measures from the run's best
+    checkpoint, which stays loadable even when it is not a candidate. Returns (index, {step: path})."""
+    if not args.candidates:
+        return index, checkpoints
+    steps = sft.subset_steps(index["steps"], args.candidates, args.candidate_spacing)
+    keep = sorted({*steps, index["best"]})
+    return {**index, "steps": steps}, {s: checkpoints[s] for s in keep}
+
+
+def stage_anchor(out: Path, stage: int, student, items: list[dict], tok, args, device):
+    """Dynamic AW (--aw-anchor current, not in the paper): the anchor of AW's w = σ(log L_anchor − log L_ckpt) is
+    the current student's own per-sample loss at the start of this stage, in place of the frozen SFT student's
+    L_stuSFT. Scored once per stage and kept in out/aw_anchor/stage_XX.safetensors, so a resumed stage reads the
+    very values it used (the file of stage s + 1 is written at the end of stage s, from the same weights)."""
+    path = out / "aw_anchor" / f"stage_{stage:02d}.safetensors"
+    if path.exists():
+        ids, columns, _ = weights.load_losses(path)
+        losses = columns["anchor"]
+    else:
+        losses = weights.sample_losses(student, items, tok.pad_id, args.eval_batch_size, device, args.dtype,
+                                       f"AW anchor, stage {stage}")
+        ids = [it["id"] for it in items]
+        weights.save_losses(path, ids, {"anchor": losses}, {"stage": stage})
+    by_id = dict(zip(ids, losses.tolist()))
+    return lambda batch_ids: torch.tensor([by_id[i] for i in batch_ids])
+
+
+def read_sides(path, items: list[dict]) -> dict[str, list[str]]:
+    """SFS and TFS ids of weights.py's sfs_tfs.json (the final teacher's split, as experiment.py uses), refused when
+    it names examples this run does not train on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--sides {path}: not found; weights.py writes sfs_tfs.json")
+    try:
+        split = weights.final_split(read_json(path))
+        sides = {"sfs": list(split["sfs_ids"]), "tfs": list(split["tfs_ids"])}
+    except (KeyError, TypeError, StopIteration, ValueError):
+        raise UserError(f"--sides {path}: not an sfs_tfs.json written by weights.py") from None
+    known = {it["id"] for it in items}
+    missing = [i for ids in sides.values() for i in ids if i not in known]
+    if missing:
+        raise UserError(f"--sides {path}: example {missing[0]!r} is not in this run's training examples; "
+                        "make the file with the same --task, --data and --train-size")
+    return sides
+
+
+def side_means(losses: torch.Tensor, items: list[dict], sides: dict[str, list[str]]) -> dict:
+    """The student's mean answer loss (mean over examples of the token-mean CE) on the SFS and on the TFS examples."""
+    row = {it["id"]: k for k, it in enumerate(items)}
+    return {f"{side}_loss": float(losses[[row[i] for i in ids]].mean()) if ids else None
+            for side, ids in sides.items()}
+
+
 def unused_flags(args) -> dict[str, str]:
     """The flags this run would ignore, each with what to do instead (sft.refuse_unused refuses those given)."""
     unused = {}
     if args.aw:
         unused["alpha"] = "AW sets each sample's weight; --alpha is the fixed weight of --no-aw"
+        if args.aw_anchor == "current":
+            why = "is AW's frozen SFT reference; --aw-anchor current uses the student's own losses instead"
+            unused.update(aw_table=why, student_sft=why)
     else:
         why = "is AW's reference (the frozen SFT student's losses); with --no-aw drop it, or drop --no-aw"
-        unused.update(aw_table=why, student_sft=why)
+        unused.update(aw_table=why, student_sft=why, aw_anchor="chooses AW's reference; --no-aw has none")
     if args.schedule != "td":
         unused["td_ckpt"] = f"is the one teacher of --schedule td; --schedule {args.schedule} picks one per stage"
+    else:
+        unused["candidates"] = "chooses the checkpoints a schedule walks; --schedule td uses one"
+    if not args.candidates:
+        unused["candidate_spacing"] = "places --candidates; without it every checkpoint is a candidate"
     if args.schedule != "scd":
         why = f"is SCD's probe; --schedule {args.schedule} does not score checkpoints"
         unused.update(probe_size=why, probe_cache=why)
+        why = f"changes how SCD chooses; --schedule {args.schedule} does not score checkpoints"
+        unused.update(metric_balance=why, metric2_weight=why, forward_only=why)
+    elif args.metric_balance != "weight":
+        unused["metric2_weight"] = f"is the w of --metric-balance weight, not of --metric-balance {args.metric_balance}"
     if args.loss != "jsd":
         unused["beta"] = f"is the β of --loss jsd; --loss {args.loss} has none"
     if args.loss not in ("skew_fkl", "skew_rkl"):
@@ -350,6 +421,21 @@ def main(argv=None):
     p.add_argument("--td-ckpt", choices=["best", "final"], default="best", help="the teacher checkpoint TD uses")
     p.add_argument("--distinct", action="store_true",
                    help="never use one teacher checkpoint for two stages; refuses --stages above their number")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="use N of the teacher run's checkpoints, placed by --candidate-spacing on that run "
+                        "(0 = all; the granularity sweep, from one teacher run)")
+    p.add_argument("--candidate-spacing", choices=["even", "geometric"], default="even",
+                   help="where --candidates N lie: even (k/N of the final step) or geometric (sft.geometric_steps)"
+                        "; the nearest saved checkpoint to each")
+    schedule.add_balance_args(p)
+    p.add_argument("--forward-only", action="store_true",
+                   help="SCD never chooses a checkpoint earlier than the last stage's (not in the paper)")
+    p.add_argument("--aw-anchor", choices=["sft", "current"], default="sft",
+                   help="AW's reference loss: sft (the paper: the frozen SFT student's L_stuSFT) or current (the "
+                        "student's own per-sample loss, rescored at every stage start)")
+    p.add_argument("--sides", default=None,
+                   help="weights.py's sfs_tfs.json: after every stage, log the student's mean answer loss on its SFS "
+                        "and TFS examples (the final teacher's split) to metrics.jsonl")
     p.add_argument("--student-sft", default="runs/student", help="student SFT run dir: its final checkpoint is "
                                                                  "the frozen L_stuSFT of AW")
     p.add_argument("--init", default="models/student", help="model dir the distilled student starts from")
@@ -374,7 +460,8 @@ def main(argv=None):
                      ("probe-size", args.probe_size >= 1), ("alpha", 0 <= args.alpha <= 1),
                      ("temperature", args.temperature > 0), ("beta", 0 <= args.beta <= 1),
                      ("lam", 0 <= args.lam <= 1), ("eval-size", args.eval_size >= 0),
-                     ("max-new-tokens", args.max_new_tokens >= 0)):
+                     ("max-new-tokens", args.max_new_tokens >= 0), ("candidates", args.candidates >= 0),
+                     ("metric2-weight", args.metric2_weight >= 0 and math.isfinite(args.metric2_weight))):
         if not ok:
             raise UserError(f"--{flag} {getattr(args, flag.replace('-', '_'))}: out of range (see --help)")
     distill(args)
@@ -385,11 +472,11 @@ def distill(args) -> Path:
     device = sft.resolve_device(args.device)
     args.dtype = sft.resolve_dtype(args.dtype, device)
     index = sft.read_checkpoint_index(args.teacher)  # refuses a run dir without complete checkpoints
+    index, checkpoints = candidate_checkpoints(args, index, dict(sft.list_checkpoints(args.teacher)))
     n_usable = 1 if args.schedule == "td" else len(index["steps"])
     if args.distinct and args.stages > n_usable:
         raise UserError(f"--stages {args.stages} with --distinct: {args.schedule.upper()} has {n_usable} teacher "
                         f"checkpoint(s) in {args.teacher} and none may serve two stages")
-    checkpoints = dict(sft.list_checkpoints(args.teacher))
     student_sft = check_inputs(args, checkpoints)
     sft.seed_everything(args.seed)
     tok = data.load_tokenizer(args.init)
@@ -398,6 +485,7 @@ def distill(args) -> Path:
     if not train_items:
         raise UserError(f"task {args.task}: the training split is empty")
     data.check_generation_flag(args.task, train_examples, "--max-new-tokens", args.max_new_tokens)
+    sides = read_sides(args.sides, train_items) if args.sides else None
     # the content of every input, so --resume refuses a retrained teacher or an edited data file by name
     inputs = {"train": sft.items_fingerprint(train_items), "val": sft.items_fingerprint(val_items),
               "init": model_fingerprint(args.init), "teacher": {str(s): model_fingerprint(p) for s, p in
@@ -414,8 +502,8 @@ def distill(args) -> Path:
     warmup = int(args.warmup * stage_steps)
     n_steps = args.stages * stage_steps
 
-    loss_student_sft = None
-    if args.aw:
+    loss_student_sft, anchor_stage = None, None
+    if args.aw and args.aw_anchor == "sft":
         loss_student_sft = student_sft_lookup(args, train_items, tok, student_sft, out, device)
     cache = None
     probe = schedule.probe_items(train_items, args.probe_size, args.seed)
@@ -443,7 +531,9 @@ def distill(args) -> Path:
     else:
         student = load_model(args.init, device=device)
     scheduler = schedule.Scheduler(args.schedule, index, args.stages, cache, final=args.td_ckpt == "final",
-                                   distinct=args.distinct, used=used_checkpoints(out / "schedule.jsonl"))
+                                   distinct=args.distinct, used=used_checkpoints(out / "schedule.jsonl"),
+                                   balance=args.metric_balance, metric2_weight=args.metric2_weight,
+                                   forward_only=args.forward_only)
 
     print(f"distill {args.variant}: {args.schedule.upper()}{' + AW' if args.aw else f', alpha {args.alpha}'}, "
           f"{args.loss} at T={args.temperature}; {len(index['steps'])} teacher checkpoints (best {index['best']}), "
@@ -458,6 +548,8 @@ def distill(args) -> Path:
                 student, probe, tok.pad_id, args.eval_batch_size, device, args.dtype))
             sched_log.log(record)
             tqdm.write(f"stage {stage}: teacher checkpoint {chosen}")
+        if args.aw and args.aw_anchor == "current" and anchor_stage != stage:
+            loss_student_sft, anchor_stage = stage_anchor(out, stage, student, train_items, tok, args, device), stage
         if chosen != teacher_step:  # only one teacher checkpoint in memory at a time: drop the old one first
             teacher = None
             teacher = load_model(checkpoints[chosen], device=device).requires_grad_(False).eval()
@@ -492,7 +584,17 @@ def distill(args) -> Path:
         del optimizer
         val_loss = sft.eval_loss(student, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype) \
             if val_items else None
-        log.log({"step": g, "stage": stage, "eval": True, "val_loss": val_loss})
+        row = {"step": g, "stage": stage, "eval": True, "val_loss": val_loss}
+        if sides or (args.aw and args.aw_anchor == "current" and stage + 1 < args.stages):
+            # one pass over the training examples: the SFS/TFS losses, and the next stage's AW anchor
+            losses = weights.sample_losses(student, train_items, tok.pad_id, args.eval_batch_size, device,
+                                           args.dtype, "stage-end losses")
+            if sides:
+                row.update(side_means(losses, train_items, sides))
+            if args.aw and args.aw_anchor == "current" and stage + 1 < args.stages:
+                weights.save_losses(out / "aw_anchor" / f"stage_{stage + 1:02d}.safetensors",
+                                    [it["id"] for it in train_items], {"anchor": losses}, {"stage": stage + 1})
+        log.log(row)
         meta = {"step": g, "stage": stage, "ckpt": chosen, "val_loss": val_loss, "variant": args.variant,
                 "config": config}
         export_model(out, f"stage_{stage:02d}", g, student, tok, meta)

@@ -54,10 +54,18 @@ VARIANTS = {  # name -> (label, distill.py flags)
     "scd_aw": ("SCD+AW", ["--schedule", "scd", "--aw"]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)  # each distils the base student; NAME_from_sft starts from the SFT student
+VARIANTS.update({  # beyond the paper (issue #16), run only when named in --variants
+    "scd_aw_spread": ("SCD+AW, metrics / spread", ["--schedule", "scd", "--aw", "--metric-balance", "spread"]),
+    "scd_aw_forward": ("SCD+AW, forward only", ["--schedule", "scd", "--aw", "--forward-only"]),
+    "scd_aw_dynamic": ("SCD+AW, dynamic anchor", ["--schedule", "scd", "--aw", "--aw-anchor", "current"]),
+    **{f"scd_aw_c{n}": (f"SCD+AW, {n} candidates", ["--schedule", "scd", "--aw", "--candidates", str(n)])
+       for n in (3, 5, 10, 20)},
+})
 VARIANTS.update({f"{k}_from_sft": (f"{label} from SFT", flags) for k, (label, flags) in VARIANTS.items()})
 # variants whose teacher changes by stage -> their line style in the schedule plot
 SCHEDULED = {"scd": "o-", "cd": "s--", "scd_aw": "^:",
-             "scd_from_sft": "o-.", "cd_from_sft": "s-.", "scd_aw_from_sft": "v-."}
+             "scd_from_sft": "o-.", "cd_from_sft": "s-.", "scd_aw_from_sft": "v-.",
+             **{v: "x:" for v in VARIANTS if v.startswith("scd_aw_") and v != "scd_aw_from_sft"}}
 PRESETS = {
     # flags for every training script, the test examples scored (0 = all), the distillation learning rates searched
     # on TD (from the base student) and on TD from the SFT student, and the validation examples that choose them
@@ -126,7 +134,7 @@ def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_run: Pat
     flags its run would ignore)."""
     flags = VARIANTS[variant][1]
     out = list(flags)
-    if "--aw" in flags:
+    if "--aw" in flags and "current" not in flags:  # the dynamic anchor needs no frozen SFT student
         out += ["--student-sft", str(student_run), "--aw-table", str(aw_dir / "losses.safetensors")]
     if flags[flags.index("--schedule") + 1] == "scd":
         out += ["--probe-cache", str(root / "probe_cache"), *(QUICK_PROBE if args.quick else [])]
@@ -266,6 +274,49 @@ def plot_schedule(root: Path, seed: int, variants: list[str], png: Path) -> str:
     return ""
 
 
+def stage_sides(root: Path, seed: int, variants: list[str], png: Path) -> list[str]:
+    """Report lines for the SFS/TFS loss after every stage (distill.py --sides): one plot per variant, and a table.
+    Nothing when no variant logged them."""
+    curves = {}
+    for v in variants:
+        path = root / f"{v}_s{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        rows = [r for r in rows if r.get("eval") and "sfs_loss" in r]
+        if rows:
+            curves[v] = rows
+    if not curves:
+        return []
+    lines = ["", f"## SFS / TFS loss after every stage (seed {seed})", "",
+             "The student's mean answer CE on the SFS and on the TFS training examples at the end of each stage "
+             "(distill.py --sides).", ""]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), sharey=True, squeeze=False)
+        for ax, (v, rows) in zip(axes[0], curves.items()):
+            for side, style in (("sfs", "o-"), ("tfs", "s--")):
+                ax.plot([r["stage"] for r in rows], [r[f"{side}_loss"] for r in rows], style, label=side.upper())
+            ax.set_title(VARIANTS[v][0], fontsize=9)
+            ax.set_xlabel("stage")
+        axes[0][0].set_ylabel("mean answer CE")
+        axes[0][0].legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        lines += [f"![SFS and TFS loss per stage]({png.name})", ""]
+    except ImportError:
+        lines += ["matplotlib is not installed, so there is no plot (pip install matplotlib).", ""]
+    n = max(len(rows) for rows in curves.values())
+    lines += ["| variant | " + " | ".join(f"stage {k} SFS / TFS" for k in range(n)) + " |",
+              "|---|" + "---|" * n]
+    for v, rows in curves.items():
+        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(f"{r['sfs_loss']:.4f} / {r['tfs_loss']:.4f}"
+                                                           if r["sfs_loss"] is not None and r["tfs_loss"] is not None
+                                                           else "-" for r in rows) + " |")
+    return lines
+
+
 def write_report(root: Path, args, seeds: list[int], results: dict, timings: dict, sides: dict, split: dict | None,
                  note: str, command: str):
     metric = {"choices": "accuracy", "entities": "entity F1", "exact": "exact match"}[args.kind]
@@ -321,6 +372,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
             d = {k: (s[k] - ref[k]) if s.get(k) is not None and ref.get(k) is not None else None for k in s}
             fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
             lines.append(f"| {label} | {fmt(s['sfs'])} | {fmt(d['sfs'])} | {fmt(s['tfs'])} | {fmt(d['tfs'])} |")
+    lines += stage_sides(root, seeds[0], args.variants, root / "stage_sides.png")
     lines += ["", "## Schedule", ""]
     lines += [note] if note else ["![teacher checkpoint per stage](schedule.png)"]
     for name in SCHEDULED:
@@ -361,11 +413,21 @@ def main(argv=None):
                                                    "(seed 0, validation score); the best is used by every variant "
                                                    "('' = the default lr, no search; default: the preset's)")
     p.add_argument("--sft-lr-grid", default=None, help="the same for the variants started from the SFT student")
+    p.add_argument("--stage-sides", action="store_true",
+                   help="log every variant's SFS/TFS loss after each stage (distill.py --sides; one forward over "
+                        "the training examples per stage) and plot it per variant")
+    p.add_argument("--teacher-checkpoints", type=int, default=None,
+                   help="checkpoints the teacher SFT saves (sft.py --checkpoints; default its 10); 20 lets the "
+                        "scd_aw_c3..c20 variants all be subsets of one teacher run")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or args.seeds < 1:
         raise UserError(f"--variants {unknown[0]!r}: unknown" if unknown else "--seeds must be at least 1")
+    if args.quick and args.teacher_checkpoints:
+        raise UserError("--teacher-checkpoints: --quick's teacher saves every 2 steps; drop one of them")
+    if args.teacher_checkpoints is not None and args.teacher_checkpoints < 1:
+        raise UserError(f"--teacher-checkpoints {args.teacher_checkpoints}: must be at least 1")
     if args.quick and "preset" in sft.given_flags(p, argv):
         raise UserError(f"--preset {args.preset}: --quick sets every size itself; drop one of them")
     data.check_task_flags(args.task, args.data, args.data_dir, args.metric)  # now, not an hour in
@@ -428,6 +490,8 @@ def main(argv=None):
     if flags is not None:
         timer.run("teacher SFT", sft.main, ["--role", "teacher", "--model", str(models / "teacher"), "--out",
                                             str(teacher_run), *common, *quick_eval,
+                                            *(["--checkpoints", str(args.teacher_checkpoints)]
+                                              if args.teacher_checkpoints else []),
                                             *(QUICK_TEACHER if args.quick else []), *flags])
     index = sft.read_checkpoint_index(teacher_run)
     results = {"main": {k: [] for k in ["teacher_base", "teacher", "student_base", "student_sft", *args.variants]}}
@@ -492,13 +556,14 @@ def main(argv=None):
         for variant in args.variants:
             start = "sft" if variant.endswith("_from_sft") else "base"
             lr = ["--lr", lr_search[start]["chosen"]] if start in lr_search else []
-            m = run_distill(variant, root / f"{variant}_s{seed}", f"distill {variant} s{seed}", *lr)
+            sides_flag = ["--sides", str(aw_dir / "sfs_tfs.json")] if args.stage_sides else []
+            m = run_distill(variant, root / f"{variant}_s{seed}", f"distill {variant} s{seed}", *lr, *sides_flag)
             results["main"][variant].append(m["main"])
             eval_files[variant].append(root / f"{variant}_s{seed}" / "final" / f"eval_{args.task}_test.json")
 
         if seed == seeds[0]:  # the paper's theory, measured on the first seed: loss on SFS and TFS examples
             analysis = read_json(aw_dir / "sfs_tfs.json")
-            split = next((v for k, v in analysis.items() if k.startswith("final")), next(iter(analysis.values())))
+            split = weights.final_split(analysis)
             sides_path = root / "sides.json"
             sides = read_json(sides_path) if sides_path.exists() else {}
             tok = data.load_tokenizer(models / "student")

@@ -2,6 +2,7 @@
 Sec. 3.2).
 
     python schedule.py --student models/student     # the SCD table for a student: why each checkpoint would win
+    python schedule.py --teacher runs/teacher --metric1-only    # Metric 1 per checkpoint of any teacher run
 
 SCD picks, at the start of every distillation stage, the teacher checkpoint c that minimises
 
@@ -9,7 +10,9 @@ SCD picks, at the start of every distillation stage, the teacher checkpoint c th
 
 both token-means over the answer tokens of a fixed probe set drawn from the training split: a checkpoint close to
 the best teacher (Metric 1) that the current student can still follow (Metric 2), so the student walks the teacher's
-own convergence path. CD walks the checkpoints in training order, evenly over the stages; TD always uses the best
+own convergence path. Beyond the paper (issue #16, each off by default): --metric-balance puts the two metrics on
+one scale before adding them (balance_metrics), and --forward-only never goes back to a checkpoint earlier than the
+last stage's. CD walks the checkpoints in training order, evenly over the stages; TD always uses the best
 (or the final) teacher.
 
 The probe cache holds the answer-token log-probabilities (N, V) of every candidate checkpoint on the probe set, one
@@ -35,6 +38,7 @@ from model import UserError, files_fingerprint, load_model, model_fingerprint, r
 from weights import save_tensors
 
 SCHEDULES = ("scd", "cd", "td")
+BALANCES = ("none", "spread", "weight")  # how Metric 2 is weighed against Metric 1 (none: the paper's plain sum)
 PROBE_ROWS = 256  # tokens per slice of the metric KLs: bounds the (n, V) temporaries
 
 # -----------------------------------------------------------------------------
@@ -79,6 +83,31 @@ def scd_choice(m1: dict[int, float], m2: dict[int, float]) -> int:
     return min(finite, key=lambda s: (m1[s] + m2[s], s))
 
 
+def balance_metrics(m1: dict[int, float], m2: dict[int, float], kind: str = "none",
+                    weight: float = 1.0) -> tuple[dict[int, float], dict[int, float], dict]:
+    """Metric 1 and Metric 2 put on a common footing before SCD adds them (not in the paper; "none" is the paper).
+
+        none:    Metric 1 (c) + Metric 2 (c)
+        weight:  Metric 1 (c) + w · Metric 2 (c)                       (w = --metric2-weight)
+        spread:  Metric 1 (c) / spread1 + Metric 2 (c) / spread2,      spread_i = max_c − min_c of Metric i
+
+    over the candidates SCD may choose at this stage whose sum is finite. A spread of 0 (one candidate, or all
+    equal) divides by 1: a metric that is the same for every candidate cannot decide, and any other divisor leaves
+    it just as constant. Returns the two terms whose sum SCD minimises, and what was used, for schedule.jsonl.
+    """
+    if kind == "none":
+        return m1, m2, {}
+    if kind == "weight":
+        return m1, {s: weight * v for s, v in m2.items()}, {"metric_balance": "weight", "metric2_weight": weight}
+    spreads = []
+    for m in (m1, m2):
+        finite = [v for s, v in m.items() if math.isfinite(m1[s] + m2[s])]
+        spreads.append(max(finite) - min(finite) if finite else 0.0)
+    d1, d2 = (sp if sp > 0 else 1.0 for sp in spreads)
+    return ({s: v / d1 for s, v in m1.items()}, {s: v / d2 for s, v in m2.items()},
+            {"metric_balance": "spread", "spread1": spreads[0], "spread2": spreads[1]})
+
+
 def cd_choice(steps: list[int], stage: int, n_stages: int) -> int:
     """CD: the checkpoints in training order, spread evenly over the stages. Stage s uses the last checkpoint of
     the s-th of n_stages equal shares of the sequence, so the last stage always ends on the final checkpoint."""
@@ -109,14 +138,18 @@ class Scheduler:
     """Chooses the teacher checkpoint at each stage start and describes the choice as one schedule.jsonl row."""
 
     def __init__(self, kind: str, index: dict, n_stages: int, cache=None, final: bool = False,
-                 distinct: bool = False, used=()):
+                 distinct: bool = False, used=(), balance: str = "none", metric2_weight: float = 1.0,
+                 forward_only: bool = False):
         if kind == "scd" and cache is None:
             raise ValueError("SCD needs a probe cache")
         self.kind, self.index, self.n_stages, self.cache, self.final = kind, index, n_stages, cache, final
         self.m1 = None  # Metric 1 per checkpoint, filled on the first SCD selection
         # distinct: no checkpoint serves two stages (SCD takes the argmin over the unused ones; CD with no more
-        # stages than checkpoints never repeats); `used` restores the earlier stages' choices on a resume
+        # stages than checkpoints never repeats); `used` restores the earlier stages' choices, in order, on a resume
         self.distinct, self.used = distinct, set(used)
+        # forward_only: SCD never goes back to a checkpoint earlier than the last stage's choice (not in the paper)
+        self.forward_only, self.last = forward_only, (list(used)[-1] if used else None)
+        self.balance, self.metric2_weight = balance, metric2_weight
 
     def select(self, stage: int, step: int, student_logp=None) -> tuple[int, dict]:
         """(chosen step, record). student_logp() gives the student's probe log-probs; only SCD calls it."""
@@ -132,12 +165,36 @@ class Scheduler:
                 self.m1 = {s: metric1(best, self.cache.load(s)) for s in steps}
             logp = student_logp()
             m1, m2 = self.m1, {s: metric2(logp, self.cache.load(s)) for s in steps}
-            free = [s for s in steps if not (self.distinct and s in self.used)]
-            chosen = scd_choice({s: m1[s] for s in free}, m2)
+            free = [s for s in steps if not (self.distinct and s in self.used)
+                    and not (self.forward_only and self.last is not None and s < self.last)]
+            if not free:
+                raise UserError(f"SCD at stage {stage}: no teacher checkpoint is left to choose (--distinct used "
+                                f"{sorted(self.used)}, --forward-only allows none before {self.last})")
+            b1, b2, used_balance = balance_metrics({s: m1[s] for s in free}, {s: m2[s] for s in free},
+                                                   self.balance, self.metric2_weight)
+            chosen = scd_choice(b1, b2)
         self.used.add(chosen)
+        self.last = chosen
         candidates = [candidate(s, m1.get(s), m2.get(s)) for s in steps]
-        return chosen, {"stage": stage, "step": step, "schedule": self.kind, "chosen": chosen,
-                        "candidates": candidates}
+        record = {"stage": stage, "step": step, "schedule": self.kind, "chosen": chosen, "candidates": candidates}
+        if self.kind == "scd" and (self.balance != "none" or self.forward_only):
+            # the terms SCD compared (null for a checkpoint it could not choose); the paper's runs keep the old form
+            for c in candidates:
+                s = c["ckpt"]
+                c["score_terms"] = [b1[s], b2[s]] if s in b1 and math.isfinite(b1[s] + b2[s]) else None
+            record.update(used_balance, forward_only=self.forward_only)
+        return chosen, record
+
+
+def format_metric1(m1: dict[int, float], metas: dict[int, dict], best: int, final: int | None) -> str:
+    """Metric 1 per checkpoint of one teacher run, beside its val loss: how far each footstep is from the best."""
+    head = f"{'checkpoint':>12} {'metric1':>10} {'val_loss':>10}"
+    lines = [head, "-" * len(head)]
+    for s, v in m1.items():
+        val = metas[s].get("val_loss")
+        lines.append(f"{s:>12} {v:>10.4f} " + (f"{val:>10.4f}" if val is not None else f"{'-':>10}")
+                     + ("  (best)" if s == best else "") + ("  (final)" if s == final else ""))
+    return "\n".join(lines)
 
 
 def format_table(record: dict, best: int) -> str:
@@ -231,6 +288,22 @@ def check_same_vocab(models: dict[str, Path]):
             raise UserError(f"{name}: its tokenizer's vocabulary differs from that of {ref[0]}; teacher and "
                             "student must share one tokenizer")
 
+
+def add_balance_args(p: argparse.ArgumentParser):
+    """SCD's metric balance flags, shared with distill.py."""
+    p.add_argument("--metric-balance", choices=BALANCES, default="none",
+                   help="how SCD adds its metrics: none (the paper: Metric 1 + Metric 2), spread (each divided by "
+                        "its max - min over the stage's candidates), weight (Metric 1 + w * Metric 2)")
+    p.add_argument("--metric2-weight", type=float, default=1.0, help="w of --metric-balance weight")
+
+
+def check_balance_args(args, given: set[str]):
+    if "metric2_weight" in given and args.metric_balance != "weight":
+        raise UserError(f"--metric2-weight: is the w of --metric-balance weight; --metric-balance "
+                        f"{args.metric_balance} does not use it")
+    if not (args.metric2_weight >= 0 and math.isfinite(args.metric2_weight)):
+        raise UserError(f"--metric2-weight {args.metric2_weight}: must be finite and >= 0")
+
 # -----------------------------------------------------------------------------
 
 
@@ -242,24 +315,44 @@ def main(argv=None):
     p.add_argument("--probe-size", type=int, default=32, help="training examples in the probe set")
     p.add_argument("--probe-cache", default="runs/probe_cache", help="dir of the teacher probe log-prob cache")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe draw (distill.py uses its --seed)")
+    p.add_argument("--metric1-only", action="store_true",
+                   help="print only Metric 1 (and the val loss) per checkpoint of --teacher: no student needed")
+    add_balance_args(p)
     sft.add_scoring_args(p)
+    argv_given = sft.given_flags(p, argv)
     args = p.parse_args(argv)
+    if args.metric1_only:
+        sft.refuse_unused(argv_given, {k: "--metric1-only scores no student" for k in
+                                       ("student", "metric_balance", "metric2_weight")})
+    check_balance_args(args, argv_given)
     device = sft.resolve_scoring_args(args)
     if args.probe_size <= 0:
         raise UserError("--probe-size must be positive")
 
     index = sft.read_checkpoint_index(args.teacher)
     checkpoints = sft.list_checkpoints(args.teacher)
-    check_same_vocab({f"--student {args.student}": args.student, f"--teacher {checkpoints[0][1]}": checkpoints[0][1]})
-    tok = data.load_tokenizer(args.student)
+    first = checkpoints[0][1]
+    if not args.metric1_only:
+        check_same_vocab({f"--student {args.student}": args.student, f"--teacher {first}": first})
+    tok = data.load_tokenizer(first if args.metric1_only else args.student)
     _, items = sft.load_split(tok, args, "train", args.train_size)
     probe = probe_items(items, args.probe_size, args.seed)
     cache = ProbeCache(args.probe_cache, probe, checkpoints, args.dtype, device, tok.files)
     cache.build(tok.pad_id, args.batch_size)
-    student = load_model(args.student, device=device)
-    _, record = Scheduler("scd", index, 1, cache).select(
-        0, 0, lambda: probe_logprobs(student, probe, tok.pad_id, args.batch_size, device, args.dtype))
     print(f"probe: {len(probe)} examples, {cache.load(index['best']).shape[0]} answer tokens; cache {cache.dir}")
+    if args.metric1_only:
+        best = cache.load(index["best"])
+        m1 = {s: metric1(best, cache.load(s)) for s, _ in checkpoints}
+        print(format_metric1(m1, {s: read_json(path / "meta.json") for s, path in checkpoints}, index["best"],
+                             index["final"]))
+        return
+    student = load_model(args.student, device=device)
+    _, record = Scheduler("scd", index, 1, cache, balance=args.metric_balance,
+                          metric2_weight=args.metric2_weight).select(
+        0, 0, lambda: probe_logprobs(student, probe, tok.pad_id, args.batch_size, device, args.dtype))
+    if record.get("metric_balance"):
+        print(f"metric balance: {json.dumps({k: v for k, v in record.items() if k.startswith(('metric', 'spread'))})}"
+              "; chosen by the balanced sum")
     print(format_table(record, index["best"]))
 
 

@@ -6,6 +6,10 @@ checkpoint is the frozen SFT reference that AW compares against. Both roles run 
     python sft.py --role teacher        # models/teacher -> runs/teacher/step_XXXXXX/ ...
     python sft.py --role student        # models/student -> runs/student/step_XXXXXX/ ...
 
+Where the teacher's footsteps are is --spacing (not a choice the paper discusses): even (the paper, and the
+default), geometric (dense early, where the teacher moves most) or val_loss (at equal shares of the validation
+loss's drop); --checkpoints sets how many.
+
 The loss is cross-entropy on answer tokens only, divided by the number of answer tokens in the whole accumulated
 batch, so `--grad-accum` does not change the gradient. The LM head runs only at answer positions.
 
@@ -43,6 +47,7 @@ PRESETS = {
     # the paper's setting (Sec. 4.1): full splits, max length 512, batch 8, bf16
     "gpu": dict(train_size=0, val_size=0, max_len=512, batch_size=8, dtype="auto", epochs=3),
 }
+SPACINGS = ("even", "geometric", "val_loss")  # where the teacher's footsteps are (the paper: even)
 CHECKPOINT_INDEX = "checkpoints.json"
 STATE_FILES = ("trainer_state.safetensors", "trainer_state.json")
 
@@ -329,6 +334,10 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
+            if self.path.exists() else []
+
     def truncate_after(self, step: int):
         """On resume, forget lines the interrupted run wrote after the checkpoint it resumes from."""
         if self.path.exists():
@@ -450,10 +459,13 @@ def read_checkpoint_index(run_dir) -> dict:
     return {"steps": steps, "best": best, "final": final, "metric": "val_loss"}
 
 
-def write_checkpoint_index(run_dir, final: int | None = None):
+def write_checkpoint_index(run_dir, final: int | None = None, extra: dict | None = None):
+    """checkpoints.json from the complete checkpoint dirs; `extra` (how the footsteps were placed) is a record for
+    the reader only."""
     index = read_checkpoint_index(run_dir)
     if final is not None:
         index["final"] = final
+    index.update(extra or {})
     atomic_write_text(Path(run_dir) / CHECKPOINT_INDEX, json.dumps(index, indent=2) + "\n")
     return index
 
@@ -550,6 +562,63 @@ def expected_minutes(model, n_tokens: int, device, dtype: str) -> float:
     return 6 * n_body * n_tokens / (0.5 * flops) / 60
 
 
+def even_steps(total: int, every: int) -> list[int]:
+    """The paper's footsteps: every `every` optimiser steps, and the final step."""
+    return sorted({*range(every, total + 1, every), total})
+
+
+def geometric_steps(total: int, n: int) -> list[int]:
+    """n footsteps dense early, where the teacher moves most: step_k = round(total^(k/n)) for k = 1..n, a geometric
+    sequence of ratio total^(1/n) that ends on the final step. Steps that round onto the previous one move up by
+    one (and never past total − (n − k), so the final step stays last): n distinct steps in [1, total].
+    For total 100, n 4: 3, 10, 32, 100."""
+    if not 1 <= n <= total:
+        raise UserError(f"--checkpoints {n}: geometric spacing needs 1 to {total} (the run's steps) checkpoints")
+    out = []
+    for k in range(1, n + 1):
+        s = max(round(total ** (k / n)), out[-1] + 1 if out else 1)
+        out.append(min(s, total - (n - k)))
+    return out
+
+
+def val_loss_steps(curve: dict[int, float], n: int) -> list[int]:
+    """Footsteps at equal shares of the validation loss's drop. curve maps steps to val loss, step 0 the start.
+
+    With L0 the loss at step 0 and Lmin the lowest on the curve, level k (k = 1..n) is L0 − k/n · (L0 − Lmin); its
+    footstep is the first step whose loss reaches it, so level n is the best step. The final step is always kept
+    as well. Levels crossed within one interval of the curve share a step, so there can be fewer than n (+1)."""
+    steps = sorted(curve)
+    l0, lmin = curve[steps[0]], min(curve[s] for s in steps[1:])
+    keep = {steps[-1]}
+    if lmin < l0:  # a loss that never fell below its start has no shares to place: only the final step
+        for k in range(1, n + 1):
+            level = lmin if k == n else l0 - k / n * (l0 - lmin)  # exactly Lmin at k = n, whatever the rounding
+            keep.add(next(s for s in steps[1:] if curve[s] <= level))
+    return sorted(keep)
+
+
+def spaced_steps(spacing: str, total: int, n: int, save_every: int = 0) -> list[int]:
+    """The save steps of an even or geometric run (val_loss spacing decides from the curve: val_loss_steps)."""
+    if spacing == "geometric":
+        return geometric_steps(total, n)
+    return even_steps(total, save_every or math.ceil(total / n))
+
+
+def subset_steps(steps: list[int], n: int, spacing: str) -> list[int]:
+    """n of a run's checkpoint steps placed by a spacing rule on its final step T: for each target (even: k·T/n,
+    rounded; geometric: geometric_steps(T, n)), the nearest saved step (the earlier on a tie). The final step is always
+    one of them. Refused when two targets land on one saved step: the run is too coarse for n."""
+    if not 1 <= n <= len(steps):
+        raise UserError(f"--candidates {n}: the teacher run has {len(steps)} checkpoints ({steps})")
+    total = steps[-1]
+    targets = geometric_steps(total, n) if spacing == "geometric" else [round(k * total / n) for k in range(1, n + 1)]
+    chosen = [min(steps, key=lambda s: (abs(s - t), s)) for t in targets]
+    if len(set(chosen)) < n:
+        raise UserError(f"--candidates {n} --candidate-spacing {spacing}: targets {targets} fall on the teacher's "
+                        f"checkpoints {chosen}, fewer than {n} distinct ones; its run saved too few ({steps})")
+    return chosen
+
+
 def build_batches(items, batch_size: int, grad_accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
     """This epoch's optimiser steps, each a list of micro-batches (lists of item indices). Depends only on
     (seed, epoch), so a resumed run sees the same order."""
@@ -585,18 +654,25 @@ def train(args) -> Path:
     data.check_generation_flag(args.task, train_examples, "--eval-max-new-tokens", args.eval_max_new_tokens)
     config = {**vars(args), "device": str(device),
               "inputs": {"train": items_fingerprint(train_items), "val": items_fingerprint(val_items)}}
+    steps_per_epoch = len(build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
+    total = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    warmup = int(args.warmup * total)
+    spacing = getattr(args, "spacing", "even")
+    if spacing == "val_loss" and not val_items:
+        raise UserError(f"--spacing val_loss: task {args.task} has no validation examples to measure the drop on")
+    if spacing == "val_loss":  # every eval step saves a candidate; the footsteps are chosen from them at the end
+        eval_every = args.eval_every or math.ceil(total / (4 * args.checkpoints))
+        save_at = set(even_steps(total, eval_every))
+    else:
+        save_at = set(spaced_steps(spacing, total, args.checkpoints, args.save_every))
     model = load_model(args.model, device=device)
     out = prepare_out_dir(args.out, config, args.resume, args.overwrite)
     if model.args.vocab_size < tok.vocab_size:
         raise UserError(f"--model {args.model}: vocab_size {model.args.vocab_size} is smaller than its "
                         f"tokenizer's {tok.vocab_size}")
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    steps_per_epoch = len(build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
-    total = math.ceil(args.epochs * steps_per_epoch)
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    warmup = int(args.warmup * total)
-    save_every = args.save_every or math.ceil(total / args.checkpoints)
 
     step, tokens_seen = 0, 0
     log = MetricsLog(out / "metrics.jsonl")
@@ -620,6 +696,9 @@ def train(args) -> Path:
           f"{model.num_params() / 1e6:.1f}M params on {device}; expected about "
           f"{expected_minutes(model, n_tokens, device, args.dtype):.0f} min of training plus evals")
 
+    if spacing == "val_loss" and step == 0:  # L0, the start of the drop that the footsteps share
+        log.log({"step": 0, "eval": True,
+                 "val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)})
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"sft {args.role}", dynamic_ncols=True)
     t_log, tok_log = time.perf_counter(), 0
@@ -643,9 +722,13 @@ def train(args) -> Path:
                 log.log(row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
                 t_log, tok_log = time.perf_counter(), 0
-            if step % save_every == 0 or step == total:
+            if step in save_at:
                 model.eval()
-                val = validate(model, tok, args, val_examples, val_items, device)
+                if spacing == "val_loss" and step < total:  # a candidate: the loss decides, generation would cost
+                    val = {"val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device,
+                                                 args.dtype)}
+                else:
+                    val = validate(model, tok, args, val_examples, val_items, device)
                 model.train()
                 log.log({"step": step, "eval": True, **val})
                 meta = {"step": step, "epoch": step / steps_per_epoch, "tokens_seen": tokens_seen, "train_loss": loss,
@@ -654,13 +737,26 @@ def train(args) -> Path:
                 state = {"tensors": {**tensors, **rng_state()}, "json": {**optim_json, "step": step,
                                                                          "tokens_seen": tokens_seen}}
                 save_checkpoint(out, step, model, tok, meta, train_state=state)
-                write_checkpoint_index(out, final=step if step == total else None)
+                # with val_loss spacing the run is final only once the candidates are pruned
+                write_checkpoint_index(out, final=step if step == total and spacing != "val_loss" else None)
                 tqdm.write(f"step {step}: val_loss {val['val_loss']:.4f}"
                            + (f", val {args.task} {val['val_metric']:.4f}" if "val_metric" in val else "")
                            + f" -> {out / checkpoint_name(step)}")
     finally:  # closed on any exit, so an error message starts on a line of its own
         bar.close()
-    index = write_checkpoint_index(out, final=total)
+    extra = {}
+    if spacing == "val_loss":
+        curve = {r["step"]: r["val_loss"] for r in log.rows() if r.get("eval")}
+        keep = val_loss_steps(curve, args.checkpoints)
+        for s, path in list_checkpoints(out):
+            if s not in keep:  # renamed first, so a kill mid-delete leaves no half checkpoint under a step name
+                tmp = out / f".tmp-drop-{path.name}"
+                path.rename(tmp)
+                shutil.rmtree(tmp)
+        extra = {"spacing": "val_loss", "eval_every": eval_every, "val_curve": {str(k): v for k, v in curve.items()}}
+    elif spacing != "even":
+        extra = {"spacing": spacing}
+    index = write_checkpoint_index(out, final=total, extra=extra)
     print(f"done: {len(index['steps'])} checkpoints in {out}; best (val loss) step {index['best']}, "
           f"final step {index['final']}")
     return out / checkpoint_name(total)
@@ -674,11 +770,28 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="HF Llama model dir to start from (teacher: models/teacher, "
                                                  "student: models/student)")
     p.add_argument("--save-every", type=int, default=0,
-                   help="optimiser steps between checkpoints; 0 = auto: 10 evenly spaced for the teacher (its "
-                        "footsteps), only the final one for the student")
+                   help="optimiser steps between checkpoints of --spacing even; 0 = auto: --checkpoints evenly "
+                        "spaced (10 for the teacher, its footsteps; only the final one for the student)")
+    p.add_argument("--spacing", choices=SPACINGS, default="even",
+                   help="where the checkpoints are: even (the paper), geometric (dense early: step_k = "
+                        "total^(k/n)), val_loss (at equal shares of the validation loss's drop; see val_loss_steps)")
+    p.add_argument("--checkpoints", type=int, default=None,
+                   help="how many checkpoints (teacher 10, student 1); with --spacing val_loss the number of "
+                        "equal shares of the drop")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="--spacing val_loss: steps between the val-loss checks that each save a candidate "
+                        "checkpoint (0 = 4 per footstep); the candidates that are no footstep are deleted at the end")
     add_common_args(p)
+    given = given_flags(p, argv)
     args = p.parse_args(argv)
+    if args.spacing != "even":
+        refuse_unused(given, {"save_every": f"places even checkpoints; --spacing {args.spacing} places its own"})
+    if args.spacing != "val_loss":
+        refuse_unused(given, {"eval_every": "decides --spacing val_loss's footsteps; drop it or add that"})
     resolve_args(args, ROLE_DEFAULTS[args.role])
+    for key in ("checkpoints", "eval_every"):
+        if getattr(args, key) < (1 if key == "checkpoints" else 0):
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: out of range (see --help)")
     train(args)
 
 

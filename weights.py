@@ -100,6 +100,12 @@ def sfs_tfs(ids: list[str], loss_student: torch.Tensor, loss_teacher: torch.Tens
     }
 
 
+def final_split(analysis: dict) -> dict:
+    """The split of sfs_tfs.json measured against the final teacher (the one the report's sides use), else the
+    first one there."""
+    return next((v for k, v in analysis.items() if k.startswith("final")), next(iter(analysis.values())))
+
+
 def format_sfs_tfs(rows: dict[str, dict]) -> str:
     """One line per reference teacher: shares and gaps, as a fixed-width table."""
     head = f"{'teacher':<20} {'n':>6} {'SFS share':>10} {'SFS gap':>9} {'TFS share':>10} {'TFS gap':>9} " \

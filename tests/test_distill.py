@@ -382,3 +382,193 @@ def test_distill_rescores_when_the_table_is_stale(runs, tmp_path):
     ids, cols, _ = weights.load_losses(tmp_path / "run" / "aw_losses.safetensors")
     old_ids, old, _ = weights.load_losses(tmp_path / "aw" / "losses.safetensors")
     assert ids == old_ids and not torch.allclose(cols[weights.STUDENT], old[weights.STUDENT])
+
+
+# -----------------------------------------------------------------------------
+# beyond the paper (issue #16): candidate subsets, metric balance, forward-only, dynamic AW, SFS/TFS per stage
+
+
+def hf_sample_losses(model_dir, items):
+    """Token-mean answer CE per item, from transformers' logits in float64, one item at a time (no padding)."""
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    out = []
+    for it in items:
+        with torch.no_grad():
+            logits = hf(torch.tensor([it["input_ids"]])).logits[0, :-1].double()
+        target = torch.tensor(it["labels"][1:])
+        sel = target != -100
+        out.append(float(-torch.log_softmax(logits[sel], -1).gather(1, target[sel, None]).mean()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def train_items(tokenizer_dir):
+    tok = data.load_tokenizer(tokenizer_dir)
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=8, seed=0), 96)
+    return items
+
+
+def test_beyond_flags_refused_where_they_would_be_ignored(runs, tmp_path):
+    root, _ = runs
+    cases = [(("--schedule", "td", "--candidates", "2"), "--candidates: chooses the checkpoints"),
+             (("--candidate-spacing", "geometric"), "--candidate-spacing: places --candidates"),
+             (("--schedule", "cd", "--forward-only"), "--forward-only: changes how SCD chooses"),
+             (("--schedule", "cd", "--metric-balance", "spread"), "--metric-balance: changes how SCD chooses"),
+             (("--metric2-weight", "2"), "--metric2-weight: is the w of --metric-balance weight"),
+             (("--no-aw", "--aw-anchor", "current"), "--aw-anchor: chooses AW's reference"),
+             (("--aw-anchor", "current"), "--aw-table: is AW's frozen SFT reference"),
+             (("--candidates", "4"), "--candidates 4: the teacher run has 3"),
+             (("--metric-balance", "weight", "--metric2-weight", "-1"), "--metric2-weight -1.0: out of range")]
+    for extra, message in cases:
+        with pytest.raises(UserError, match=message):
+            distill.main(argv(runs, tmp_path / "out", *extra))
+    a = argv(runs, tmp_path / "out", "--sides", str(tmp_path / "none.json"))
+    with pytest.raises(UserError, match="--sides .*none.json: not found"):
+        distill.main(a)
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_flags_change_nothing(runs, straight_run, tmp_path):
+    """The new flags at values that mean the paper (all checkpoints as candidates, Metric 2 weight 1) give the
+    paper's run bit for bit: the same schedule and the same weights."""
+    out = tmp_path / "same"
+    distill.main(argv(runs, out, *RESUME_FLAGS, "--candidates", len(TEACHER_STEPS), "--metric-balance", "weight",
+                      "--metric2-weight", "1"))
+    a, b = load_file(straight_run / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight = read_jsonl(straight_run / "schedule.jsonl")
+    rows = read_jsonl(out / "schedule.jsonl")
+    assert [r["chosen"] for r in rows] == [r["chosen"] for r in straight]
+    assert [[{k: c[k] for k in ("ckpt", "metric1", "metric2", "sum")} for c in r["candidates"]] for r in rows] == \
+        [r["candidates"] for r in straight]
+    assert all(set(r) == {"stage", "step", "schedule", "chosen", "candidates"} for r in straight)
+    assert not (straight_run / "aw_anchor").exists()
+
+
+def test_candidates_are_a_subset_of_the_same_teacher_run(runs, tmp_path):
+    """--candidates 2 of checkpoints 2, 4, 6 (best 4): even targets 3 and 6 -> 2 (the earlier on the tie) and 6."""
+    distill.main(argv(runs, tmp_path / "cd", "--schedule", "cd", "--no-aw", "--candidates", "2"))
+    assert [r["chosen"] for r in read_jsonl(tmp_path / "cd" / "schedule.jsonl")] == [2, 6]
+    distill.main(argv(runs, tmp_path / "scd", "--no-aw", "--candidates", "2", "--stage-steps", "1"))
+    full = tmp_path / "full"
+    distill.main(argv(runs, full, "--no-aw", "--stage-steps", "1"))
+    for r, f in zip(read_jsonl(tmp_path / "scd" / "schedule.jsonl"), read_jsonl(full / "schedule.jsonl")):
+        assert [c["ckpt"] for c in r["candidates"]] == [2, 6] and r["chosen"] in (2, 6)
+        # Metric 1 still measures from the run's best checkpoint (4), which is no candidate
+        m1 = {c["ckpt"]: c["metric1"] for c in f["candidates"]}
+        assert [c["metric1"] for c in r["candidates"]] == [m1[2], m1[6]] and min(m1[2], m1[6]) > 0
+        break  # stage 0: the same student in both runs
+    config = json.loads((tmp_path / "scd" / "config.json").read_text())
+    assert sorted(config["inputs"]["teacher"]) == ["2", "4", "6"]
+
+
+def test_balance_and_forward_only_reach_the_schedule(runs, tmp_path):
+    out = tmp_path / "fwd"
+    distill.main(argv(runs, out, "--no-aw", "--metric-balance", "spread", "--forward-only", "--stages", "3",
+                      "--stage-steps", "1"))
+    rows = read_jsonl(out / "schedule.jsonl")
+    chosen = [r["chosen"] for r in rows]
+    assert chosen == sorted(chosen)
+    for prev, r in zip([None, *chosen], rows):
+        assert r["metric_balance"] == "spread" and r["forward_only"] is True
+        terms = {c["ckpt"]: c["score_terms"] for c in r["candidates"]}
+        allowed = [s for s in terms if prev is None or s >= prev]
+        assert [s for s in terms if terms[s] is not None] == allowed
+        assert r["chosen"] == min(allowed, key=lambda s: (sum(terms[s]), s))
+        m1 = {c["ckpt"]: c["metric1"] for c in r["candidates"] if c["ckpt"] in allowed}
+        m2 = {c["ckpt"]: c["metric2"] for c in r["candidates"] if c["ckpt"] in allowed}
+        spread1 = max(m1.values()) - min(m1.values())
+        spread2 = max(m2.values()) - min(m2.values())
+        assert r["spread1"] == pytest.approx(spread1) and r["spread2"] == pytest.approx(spread2)
+        for s in allowed:
+            assert terms[s] == pytest.approx([m1[s] / (spread1 or 1), m2[s] / (spread2 or 1)])
+
+
+DYNAMIC = ("--schedule", "cd", "--aw-anchor", "current", "--save-every", "1", "--stage-steps", "3")
+
+
+def dynamic_argv(runs, out, *extra):
+    a = argv(runs, out, *DYNAMIC, *extra)
+    for flag in ("--student-sft", "--aw-table"):  # the frozen reference is not used: refused if given
+        i = a.index(flag)
+        del a[i:i + 2]
+    return a
+
+
+@pytest.fixture(scope="module")
+def dynamic_run(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dynamic") / "run"
+    seen = []
+    real = distill.distill_step
+
+    def spy(student, teacher, micro, anchor, args, device):
+        seen.append({i: float(v) for b in micro for i, v in zip(b["ids"], anchor(b["ids"]))})
+        return real(student, teacher, micro, anchor, args, device)
+
+    distill.distill_step = spy
+    try:
+        distill.main(dynamic_argv(runs, out))
+    finally:
+        distill.distill_step = real
+    return out, seen
+
+
+def test_dynamic_aw_anchor_is_the_students_own_loss_at_each_stage_start(runs, dynamic_run, tokenizer_dir):
+    """Stage 0's anchor is the initial student's per-sample loss, stage 1's the loss of the student that stage 0
+    left (its stage_00 export), both recomputed here by transformers in float64; AW read exactly those values."""
+    root, init = runs
+    out, seen = dynamic_run
+    items = train_items(tokenizer_dir)
+    ids = [it["id"] for it in items]
+    for stage, model_dir in ((0, init), (1, out / "stage_00")):
+        file_ids, cols, _ = weights.load_losses(out / "aw_anchor" / f"stage_{stage:02d}.safetensors")
+        assert file_ids == ids
+        torch.testing.assert_close(cols["anchor"].double(), hf_sample_losses(model_dir, items), rtol=1e-4, atol=1e-5)
+        by_id = dict(zip(ids, cols["anchor"].tolist()))
+        for step_anchor in seen[3 * stage:3 * stage + 3]:  # the 3 steps of this stage
+            assert step_anchor == {i: by_id[i] for i in step_anchor}
+    a0, a1 = (weights.load_losses(out / "aw_anchor" / f"stage_{s:02d}.safetensors")[1]["anchor"] for s in (0, 1))
+    assert not torch.equal(a0, a1)  # the student moved, so the anchor did
+    assert not (out / "aw_losses.safetensors").exists()  # no frozen SFT student was scored
+    assert json.loads((out / "config.json").read_text())["aw_anchor"] == "current"
+
+
+@pytest.mark.parametrize("where", ["mid_stage", "stage_switch"])
+def test_dynamic_aw_resume_is_bit_identical(where, runs, dynamic_run, tmp_path, monkeypatch):
+    straight, _ = dynamic_run
+    with monkeypatch.context() as m:
+        if where == "mid_stage":
+            kill_at(m, sft, "apply_update", lambda opt, lr, step, *a: step == 4)
+        else:
+            kill_at(m, schedule.Scheduler, "select", lambda self, stage, *a: stage == 1)
+        with pytest.raises(RuntimeError, match="killed"):
+            distill.main(dynamic_argv(runs, tmp_path / "killed"))
+    distill.main(dynamic_argv(runs, tmp_path / "killed", "--resume"))
+    a, b = load_file(straight / "final" / "model.safetensors"), \
+        load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("schedule.jsonl", "metrics.jsonl"):
+        rows = [[{k: v for k, v in r.items() if k != "tok_per_s"} for r in read_jsonl(d / f)]
+                for d in (straight, tmp_path / "killed")]
+        assert rows[0] == rows[1], f
+
+
+def test_sides_are_logged_after_every_stage(runs, tmp_path, tokenizer_dir):
+    root, _ = runs
+    weights.main(["--teacher", str(root / "teacher"), "--student-sft", str(root / "student"), "--out",
+                  str(tmp_path / "aw"), "--train-size", "8", "--max-len", "96", "--batch-size", "4", "--device", "cpu"])
+    split = json.loads((tmp_path / "aw" / "sfs_tfs.json").read_text())["final (step 6)"]
+    assert split["sfs_ids"] and split["tfs_ids"]  # both sides hold examples, so both means are tested
+    out = tmp_path / "run"
+    distill.main(argv(runs, out, "--schedule", "td", "--no-aw", "--sides", str(tmp_path / "aw" / "sfs_tfs.json")))
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("eval")]
+    assert [r["stage"] for r in evals] == [0, 1]
+    items = {it["id"]: it for it in train_items(tokenizer_dir)}
+    for r in evals:
+        for side in ("sfs", "tfs"):
+            expect = hf_sample_losses(out / f"stage_{r['stage']:02d}", [items[i] for i in split[f"{side}_ids"]])
+            assert r[f"{side}_loss"] == pytest.approx(float(expect.mean()), rel=1e-4)
+    # a split made from other examples is refused by name
+    bad = {"final (step 6)": {**split, "sfs_ids": [*split["sfs_ids"], "no-such-id"]}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match="example 'no-such-id' is not in this run's training examples"):
+        distill.main(argv(runs, tmp_path / "x", "--schedule", "td", "--no-aw", "--sides", str(tmp_path / "bad.json")))

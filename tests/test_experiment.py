@@ -63,6 +63,30 @@ def test_quick_experiment_report(tmp_path, models_dir):
     assert b["lo"] <= b["diff"] <= b["hi"] and len(b["per_seed"]) == 1 and "scd_aw - td" not in res["intervals"]
     assert "## Paired bootstrap" in md and res["lr_search"]["base"]["chosen"] in ("0.001", "0.003")
 
+    # beyond the paper: the dynamic AW anchor and forward-only SCD, with the SFS/TFS loss after every stage
+    beyond = ["scd_aw_dynamic", "scd_aw_forward"]
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", ",".join(beyond),
+                     "--stage-sides"])
+    md = (root / "results.md").read_text()
+    assert "## SFS / TFS loss after every stage (seed 0)" in md
+    split = experiment.weights.final_split(json.loads((root / "weights_s0" / "sfs_tfs.json").read_text()))
+    for v in beyond:
+        config = json.loads((root / f"{v}_s0" / "config.json").read_text())
+        assert config["sides"].endswith("sfs_tfs.json")
+        evals = [json.loads(s) for s in (root / f"{v}_s0" / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in evals if r.get("eval")]
+        assert [r["stage"] for r in evals] == [0, 1]
+        for side in ("sfs", "tfs"):
+            assert all((r[f"{side}_loss"] is None) == (not split[f"{side}_ids"]) for r in evals)
+        fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        assert f"| {experiment.VARIANTS[v][0]} | " + " | ".join(
+            f"{fmt(r['sfs_loss'])} / {fmt(r['tfs_loss'])}" if None not in (r["sfs_loss"], r["tfs_loss"]) else "-"
+            for r in evals) + " |" in md
+    config = json.loads((root / "scd_aw_dynamic_s0" / "config.json").read_text())
+    assert config["aw_anchor"] == "current" and config["inputs"]["student_sft"] is None
+    assert (root / "scd_aw_dynamic_s0" / "aw_anchor" / "stage_01.safetensors").exists()
+    assert json.loads((root / "scd_aw_forward_s0" / "config.json").read_text())["forward_only"] is True
+
 
 # -----------------------------------------------------------------------------
 # the paired bootstrap

@@ -303,3 +303,106 @@ def test_schedule_cli_prints_the_table(tiny_teacher_run, tmp_path, capsys, token
     assert float(rows[6][1]) == pytest.approx(0, abs=1e-4) and "(best)" in " ".join(rows[6])  # val_loss lowest
     for r in rows.values():
         assert float(r[3]) == pytest.approx(float(r[1]) + float(r[2]), abs=2e-4)
+
+
+# -----------------------------------------------------------------------------
+# beyond the paper: metric balance and forward-only (issue #16)
+
+
+def test_balance_metrics_by_hand():
+    m1, m2 = {1: 0.0, 2: 1.0, 3: 4.0}, {1: 20.0, 2: 10.0, 3: 0.0}
+    # none: the plain sum 20, 11, 4
+    b1, b2, used = schedule.balance_metrics(m1, m2)
+    assert (b1, b2, used) == (m1, m2, {}) and scd_choice(b1, b2) == 3
+    # spread: Metric 1 / 4 + Metric 2 / 20 = 1, 0.75, 1
+    b1, b2, used = schedule.balance_metrics(m1, m2, "spread")
+    assert used == {"metric_balance": "spread", "spread1": 4.0, "spread2": 20.0}
+    assert {s: b1[s] + b2[s] for s in m1} == {1: 1.0, 2: 0.75, 3: 1.0} and scd_choice(b1, b2) == 2
+    # weight 0.05: 0 + 1, 1 + 0.5, 4 + 0
+    b1, b2, used = schedule.balance_metrics(m1, m2, "weight", 0.05)
+    assert used == {"metric_balance": "weight", "metric2_weight": 0.05}
+    assert {s: b1[s] + b2[s] for s in m1} == pytest.approx({1: 1.0, 2: 1.5, 3: 4.0}) and scd_choice(b1, b2) == 1
+    # weight 1 is the paper's sum
+    assert schedule.balance_metrics(m1, m2, "weight", 1.0)[:2] == (m1, m2)
+    # a metric equal for every candidate has spread 0: divided by 1, the other metric decides
+    b1, b2, used = schedule.balance_metrics({1: 2.0, 2: 2.0}, {1: 3.0, 2: 1.0}, "spread")
+    assert used["spread1"] == 0.0 and b1 == {1: 2.0, 2: 2.0} and b2 == {1: 1.5, 2: 0.5} and scd_choice(b1, b2) == 2
+    # a non-finite candidate does not stretch the spread
+    _, _, used = schedule.balance_metrics({1: 0.0, 2: 1.0, 3: math.inf}, {1: 2.0, 2: 0.0, 3: 5.0}, "spread")
+    assert used["spread1"] == 1.0 and used["spread2"] == 2.0
+
+
+def test_scheduler_records_the_balance_and_default_record_is_unchanged():
+    a, b, table, index = constructed()
+    _, plain = Scheduler("scd", index, 3, FakeCache(table)).select(0, 0, lambda: logp(a))
+    assert set(plain) == {"stage", "step", "schedule", "chosen", "candidates"}  # the paper's record, as before
+    assert all(set(c) == {"ckpt", "metric1", "metric2", "sum"} for c in plain["candidates"])
+    chosen, rec = Scheduler("scd", index, 3, FakeCache(table), balance="spread").select(0, 0, lambda: logp(a))
+    m1 = {c["ckpt"]: c["metric1"] for c in rec["candidates"]}
+    m2 = {c["ckpt"]: c["metric2"] for c in rec["candidates"]}
+    assert rec["metric_balance"] == "spread" and rec["forward_only"] is False
+    assert rec["spread1"] == pytest.approx(max(m1.values()) - min(m1.values()))
+    assert rec["spread2"] == pytest.approx(max(m2.values()) - min(m2.values()))
+    terms = {c["ckpt"]: c["score_terms"] for c in rec["candidates"]}
+    for s in m1:
+        assert terms[s] == pytest.approx([m1[s] / rec["spread1"], m2[s] / rec["spread2"]])
+    assert chosen == min(terms, key=lambda s: sum(terms[s]))
+    # the raw metrics in the record are the paper's, whatever the balance
+    assert [(c["metric1"], c["metric2"]) for c in rec["candidates"]] == \
+        [(c["metric1"], c["metric2"]) for c in plain["candidates"]]
+    # a huge Metric 2 weight makes SCD follow the student (checkpoint 100 sits on it), a zero weight the best
+    assert Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=100.0).select(
+        0, 0, lambda: logp(a))[0] == 100
+    assert Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=0.0).select(
+        0, 0, lambda: logp(a))[0] == 300
+
+
+def test_forward_only_never_goes_back():
+    a, b, table, index = constructed()
+    # the student jumps to the best teacher, then back to where it started: the paper's SCD goes back to 200
+    trajectory = [logp(b), logp(a)]
+    paper = Scheduler("scd", index, 2, FakeCache(table))
+    assert [paper.select(s, s, lambda: trajectory[s])[0] for s in range(2)] == [300, 200]
+    fwd = Scheduler("scd", index, 2, FakeCache(table), forward_only=True)
+    chosen = [fwd.select(s, s, lambda: trajectory[s]) for s in range(2)]
+    assert [c for c, _ in chosen] == [300, 300]
+    rec = chosen[1][1]
+    assert rec["forward_only"] is True
+    assert {c["ckpt"]: c["score_terms"] is None for c in rec["candidates"]} == {100: True, 200: True, 300: False}
+    # on a resume the last choice comes back from the earlier stages' schedule.jsonl
+    resumed = Scheduler("scd", index, 2, FakeCache(table), forward_only=True, used=[100, 300])
+    assert resumed.select(1, 1, lambda: logp(a))[0] == 300
+    with pytest.raises(UserError, match="no teacher checkpoint is left"):
+        Scheduler("scd", index, 2, FakeCache(table), forward_only=True, distinct=True, used=[300]).select(
+            1, 1, lambda: logp(a))
+
+
+def test_schedule_cli_metric1_only_and_balance(tiny_teacher_run, tmp_path, capsys, tokenizer_dir):
+    from conftest import make_tiny_model
+
+    run, _ = tiny_teacher_run
+    common = ["--teacher", str(run), "--probe-cache", str(tmp_path / "cache"), "--probe-size", "3",
+              "--train-size", "6", "--max-len", "96", "--device", "cpu"]
+    schedule.main([*common, "--metric1-only"])
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(s for s in lines if s.split()[:1] == ["checkpoint"])) + 2:]
+    rows = {int(s.split()[0]): s.split() for s in table}
+    # Metric 1 recomputed from each checkpoint's own forward on the same probe
+    tok = data.load_tokenizer(tokenizer_dir)
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=6, seed=0), 96)
+    probe = schedule.probe_items(items, 3, 0)
+    lp = {s: schedule.probe_logprobs(load_model(run / sft.checkpoint_name(s)), probe, tok.pad_id, 4,
+                                     torch.device("cpu")) for s in rows}
+    for s, r in rows.items():
+        assert float(r[1]) == pytest.approx(metric1(lp[6], lp[s]), abs=1e-4)
+        assert float(r[2]) == pytest.approx(json.loads((run / sft.checkpoint_name(s) / "meta.json").read_text())
+                                            ["val_loss"], abs=1e-4)
+    assert "(best)" in " ".join(rows[6]) and "(final)" in " ".join(rows[6])
+    student = make_tiny_model(tmp_path / "student", tokenizer_dir, n_layers=1, dim=16, seed=7)
+    with pytest.raises(UserError, match="--student: --metric1-only"):
+        schedule.main([*common, "--metric1-only", "--student", str(student)])
+    with pytest.raises(UserError, match="--metric2-weight: is the w of --metric-balance weight"):
+        schedule.main([*common, "--student", str(student), "--metric2-weight", "2"])
+    schedule.main([*common, "--student", str(student), "--metric-balance", "spread"])
+    out = capsys.readouterr().out
+    assert '"metric_balance": "spread"' in out and "<--" in out

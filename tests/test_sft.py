@@ -1,6 +1,7 @@
 """sft.py and evaluate.py on a tiny random Llama carrying the real tokenizer, trained on real NCBI-disease text."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -254,3 +255,101 @@ def test_per_example_options_match_transformers(tiny_model_dir, tmp_path):
     best = [ex.choices[k] for ex, k in zip(examples, ours.argmax(-1).tolist())]
     assert [r["prediction"] for r in out] == best
     assert metrics["accuracy"] == sum(b == ex.gold for b, ex in zip(best, examples)) / 3
+
+
+# -----------------------------------------------------------------------------
+# where the footsteps are (issue #16): even (the paper), geometric, at equal shares of the val-loss drop
+
+
+def test_spacing_rules_by_hand():
+    assert sft.even_steps(16, 5) == [5, 10, 15, 16]  # the paper's (and the default's) rule
+    assert sft.spaced_steps("even", 16, 3) == [6, 12, 16]  # ceil(16 / 3) = 6
+    # geometric: round(total^(k/n)); 100^(1/4) = 3.16, 100^(1/2) = 10, 100^(3/4) = 31.6
+    assert sft.geometric_steps(100, 4) == [3, 10, 32, 100]
+    # 20^(k/10) = 1.35 1.82 2.46 3.31 4.47 6.03 8.14 10.99 14.82 20: collisions move up by one
+    assert sft.geometric_steps(20, 10) == [1, 2, 3, 4, 5, 6, 8, 11, 15, 20]
+    assert sft.geometric_steps(5, 5) == [1, 2, 3, 4, 5] and sft.geometric_steps(7, 1) == [7]
+    with pytest.raises(UserError, match="--checkpoints 6: geometric spacing needs 1 to 5"):
+        sft.geometric_steps(5, 6)
+    # val loss 10 at the start, lowest 4 at step 8: shares of the drop 6 at 8, 6 and 4 -> first steps 2, 4, 8, + final
+    curve = {0: 10.0, 2: 8.0, 4: 5.0, 6: 4.5, 8: 4.0, 10: 4.2}
+    assert sft.val_loss_steps(curve, 3) == [2, 4, 8, 10]
+    assert sft.val_loss_steps(curve, 6) == [2, 4, 8, 10]  # levels 9, 8 both first reached at 2; 7, 6, 5 at 4
+    assert sft.val_loss_steps(curve, 1) == [8, 10]
+    assert sft.val_loss_steps({0: 3.0, 2: 3.5, 4: 3.2}, 3) == [4]  # no drop: only the final step
+    # n of a run's checkpoints by the same rules: steps 7, 14, ..., 63 and 68
+    steps = [7, 14, 21, 28, 35, 42, 49, 56, 63, 68]
+    assert sft.subset_steps(steps, 3, "even") == [21, 42, 68]  # targets 23, 45, 68
+    assert sft.subset_steps(steps, 10, "even") == steps
+    assert sft.subset_steps(steps, 3, "geometric") == [7, 14, 68]  # targets 4, 17, 68
+    assert sft.subset_steps(steps, 1, "geometric") == [68]
+    with pytest.raises(UserError, match="fewer than 5 distinct"):  # targets 2, 5, 13, 29, 68: 2 and 5 both -> 7
+        sft.subset_steps(steps, 5, "geometric")
+    with pytest.raises(UserError, match="--candidates 11: the teacher run has 10"):
+        sft.subset_steps(steps, 11, "even")
+
+
+def test_geometric_spacing_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "geo"
+    run_sft(tiny_model_dir, out, "--epochs", "4", "--spacing", "geometric", "--checkpoints", "4")  # 16 steps
+    assert [s for s, _ in sft.list_checkpoints(out)] == [2, 4, 8, 16]  # 16^(1/4) = 2, 16^(1/2) = 4, 16^(3/4) = 8
+    index = json.loads((out / "checkpoints.json").read_text())
+    assert index["steps"] == [2, 4, 8, 16] and index["final"] == 16 and index["spacing"] == "geometric"
+    with pytest.raises(UserError, match="--save-every: places even checkpoints; --spacing geometric"):
+        run_sft(tiny_model_dir, tmp_path / "x", "--spacing", "geometric", "--save-every", "2")
+    with pytest.raises(UserError, match="--eval-every: decides --spacing val_loss"):
+        run_sft(tiny_model_dir, tmp_path / "x", "--eval-every", "2")
+    with pytest.raises(UserError, match="--checkpoints 0: out of range"):
+        run_sft(tiny_model_dir, tmp_path / "x", "--checkpoints", "0")
+    assert not (tmp_path / "x").exists()
+
+
+def test_val_loss_spacing_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "val"
+    run_sft(tiny_model_dir, out, "--epochs", "4", "--spacing", "val_loss", "--checkpoints", "3", "--eval-every", "2",
+            "--dtype", "fp32")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = {r["step"]: r["val_loss"] for r in rows if r.get("eval")}
+    assert sorted(curve) == [0, 2, 4, 6, 8, 10, 12, 14, 16]  # the start, then every --eval-every steps
+    # the start's loss is the untrained model's, scored independently here
+    tok = data.load_tokenizer(tiny_model_dir)
+    val, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "val", limit=4, seed=0), 160)
+    assert curve[0] == pytest.approx(sft.eval_loss(load_model(tiny_model_dir), val, tok.pad_id, 4, torch.device("cpu"),
+                                                  "fp32"),
+                                     rel=1e-5)
+    # the footsteps, found here from the logged curve: the first step at or below each third of the drop
+    l0, lmin = curve[0], min(v for s, v in curve.items() if s)
+    assert lmin < l0
+    levels = [l0 - (l0 - lmin) / 3, l0 - 2 * (l0 - lmin) / 3, lmin]
+    expect = sorted({16} | {min(s for s in curve if s and curve[s] <= lv + 1e-12) for lv in levels})
+    kept = [s for s, _ in sft.list_checkpoints(out)]
+    assert kept == expect and not list(out.glob(".tmp-*"))
+    index = json.loads((out / "checkpoints.json").read_text())
+    assert index["steps"] == kept and index["final"] == 16 and index["spacing"] == "val_loss"
+    assert index["best"] == min(curve, key=lambda s: (curve[s], s) if s else (math.inf, s))
+    for s, p in sft.list_checkpoints(out):
+        assert json.loads((p / "meta.json").read_text())["val_loss"] == curve[s]
+    assert {int(k): v for k, v in index["val_curve"].items()} == curve
+
+
+def test_val_loss_spacing_resumes_to_the_same_footsteps(tiny_model_dir, tmp_path, monkeypatch):
+    args = ("--epochs", "2", "--spacing", "val_loss", "--checkpoints", "2", "--eval-every", "2", "--dtype", "fp32")
+    run_sft(tiny_model_dir, tmp_path / "straight", *args)
+    real_update = sft.apply_update
+
+    def crash(optimizer, lr, step, loss, grad_norm):
+        if step == 5:  # the candidates at 2 and 4 are saved, the one at 6 not yet
+            raise RuntimeError("simulated crash")
+        real_update(optimizer, lr, step, loss, grad_norm)
+
+    monkeypatch.setattr(sft, "apply_update", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sft(tiny_model_dir, tmp_path / "resumed", *args)
+    monkeypatch.setattr(sft, "apply_update", real_update)
+    assert [s for s, _ in sft.list_checkpoints(tmp_path / "resumed")] == [2, 4]
+    run_sft(tiny_model_dir, tmp_path / "resumed", *args, "--resume")
+    a, b = (json.loads((tmp_path / r / "checkpoints.json").read_text()) for r in ("straight", "resumed"))
+    assert a == b and a["steps"][-1] == 8 and len(a["val_curve"]) == 5  # step 0 (logged once) and 2, 4, 6, 8
+    for s in a["steps"]:
+        x, y = (load_file(tmp_path / r / sft.checkpoint_name(s) / "model.safetensors") for r in ("straight", "resumed"))
+        assert all(torch.equal(x[k], y[k]) for k in x)
