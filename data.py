@@ -12,7 +12,8 @@ Every script reads its data through here. The built-in tasks come from ../shared
                     choices   the answer is one of a set of options, scored without generation by each option's
                               log-probability after the prompt, as PubMedQA (accuracy main, macro-F1). The options
                               are the line's own "choices": [...] (a multiple-choice exam), else a label set for the
-                              whole file declared on its first line, else the file's distinct answers;
+                              whole file declared on its first line (never the file's own answers: a test file
+                              would then offer only the answers it holds);
                     entities  "entities": [...] lists the gold mentions; the answer is them one per line, in order,
                               or None (the response may be left out: it is built from the list). Micro P/R/F1 over
                               mention multisets, as NCBI-disease.
@@ -394,7 +395,10 @@ def read_jsonl(path: Path, metric: str | None = None) -> list[Example]:
             record = {**record, "response": format_mentions((JSONL_TYPE,), entity_gold(record, where))}
         rows.append((n, record, *jsonl_record(record, where)))
     if metric == "choices" and labels is None and not any("choices" in r for _, r, *_ in rows):
-        labels = tuple(dict.fromkeys(normalise(answer) for *_, answer in rows))  # the file's distinct answers
+        # the options must not come from this file's own answers: a test file of all-"yes" answers would then offer
+        # only "yes" and score 1.0 for any model
+        raise UserError(f"{path}: metric choices needs the options: a first line {{\"metric\": \"choices\", "
+                        f"\"labels\": [...]}} or a \"choices\" list on every line")
     examples, not_in_prompt = [], []
     for n, record, system, prompt, answer in rows:
         where = f"{path}:{n}"

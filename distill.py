@@ -340,7 +340,7 @@ def read_sides(path, items: list[dict]) -> dict[str, list[str]]:
     try:
         split = weights.final_split(read_json(path))
         sides = {"sfs": list(split["sfs_ids"]), "tfs": list(split["tfs_ids"])}
-    except (KeyError, TypeError, StopIteration, ValueError):
+    except (KeyError, TypeError, StopIteration, ValueError, AttributeError):
         raise UserError(f"--sides {path}: not an sfs_tfs.json written by weights.py") from None
     known = {it["id"] for it in items}
     missing = [i for ids in sides.values() for i in ids if i not in known]

@@ -133,9 +133,9 @@ def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None
     metrics, rows = evaluate(model, tok, task, examples, batch_size, max_new_tokens, dtype, progress)
     metrics = {"task": task, "split": split, "n": len(examples), "model": str(model_dir), **metrics}
     out = Path(out) if out else model_dir / f"eval_{task}_{split}.json"
+    # predictions first: the metrics file marks the evaluation done (experiment.py reuses it), so it comes last
+    atomic_write_text(out.with_suffix(".predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
-    atomic_write_text(out.with_suffix(".predictions.jsonl"),
-                      "".join(json.dumps(r) + "\n" for r in rows))
     return metrics
 
 

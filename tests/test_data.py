@@ -466,11 +466,11 @@ def test_jsonl_choices_per_example_and_derived(tmp_path):
     a, b = data.load_examples("jsonl", "test", data_file=path)  # read from the fields: "choices" -> choices
     assert (a.choices, a.gold, b.choices, b.gold) == (("A", "B b", "C", "D"), "B b", ("x", "y", "z", "w"), "x")
     assert data.score("jsonl", [a, b], ["B b", "y"])["accuracy"] == 0.5
-    # --metric choices on a plain file: the label set is the file's distinct answers, in order
-    plain = jsonl_file(tmp_path / "plain.jsonl", {"prompt": "1", "response": "pos"}, {"prompt": "2", "response": "neg"},
-                       {"prompt": "3", "response": "pos"})
-    assert [ex.choices for ex in data.load_examples("jsonl", "train", data_file=plain, metric="choices")] == \
-        [("pos", "neg")] * 3
+    # --metric choices on a plain file: refused, since its options would be its own answers (all "pos" here, so
+    # every model would score 1.0)
+    plain = jsonl_file(tmp_path / "plain.jsonl", {"prompt": "1", "response": "pos"}, {"prompt": "2", "response": "pos"})
+    with pytest.raises(UserError, match="metric choices needs the options"):
+        data.load_examples("jsonl", "train", data_file=plain, metric="choices")
 
 
 def test_jsonl_entities_hand_computed(tmp_path, capsys):
