@@ -27,8 +27,10 @@ dir with README.md and heal.json saying how it was made (layers kept, corpus, to
 """
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -39,7 +41,7 @@ import data
 import distill
 import prepare
 import sft
-from model import UserError, atomic_dir, atomic_write_text, load_model, read_json, run_cli, save_model
+from model import UserError, atomic_dir, atomic_write_text, load_model, model_fingerprint, run_cli, save_model
 
 PRUNES = ("every_other", "angular", "block_influence")
 CORPUS = {"ncbi_disease": "training sentences", "bc5cdr": "training sentences",
@@ -99,7 +101,8 @@ def layer_states(model, rows: torch.Tensor) -> list[torch.Tensor]:
 
 
 def angular_distances(states: list[torch.Tensor], n: int) -> list[float]:
-    """d(l) = E_t[arccos(cos(x_l,t, x_(l+n),t)) / π] for l = 0..L−n: how far n consecutive layers from l move a token."""
+    """d(l) = E_t[arccos(cos(x_l,t, x_(l+n),t)) / π] for l = 0..L−n: how far n consecutive layers from l move a
+    token."""
     return [float(torch.arccos(torch.cosine_similarity(states[l], states[l + n], dim=-1).clamp(-1, 1)).mean()
                   / math.pi) for l in range(len(states) - n)]
 
@@ -110,10 +113,11 @@ def block_influence(states: list[torch.Tensor]) -> list[float]:
             for i in range(len(states) - 1)]
 
 
-def choose_layers(method: str, n_layers: int, n_keep: int, states: list[torch.Tensor] | None = None) -> tuple[list[int], dict]:
+def choose_layers(method: str, n_layers: int, n_keep: int,
+                  states: list[torch.Tensor] | None = None) -> tuple[list[int], dict]:
     """(kept layer indices, the scores behind the choice) for --prune `method`."""
-    if not 1 <= n_keep <= n_layers:
-        raise UserError(f"--layers {n_keep}: must be between 1 and the teacher's {n_layers} layers")
+    if not 2 <= n_keep <= n_layers:
+        raise UserError(f"--layers {n_keep}: must be between 2 and the teacher's {n_layers} layers")
     n_drop = n_layers - n_keep
     if method == "every_other":
         return prepare.keep_layers(n_layers, n_keep), {}
@@ -176,19 +180,31 @@ def export(path: Path, student, tok, info: dict):
             f"{'; '.join(f'{k} {v}' for k, v in CORPUS.items())}; no validation or test text).\n\n"
             f"Held-out perplexity (NCBI-disease devel text, {info['held_out_tokens']:,} tokens): "
             f"{info['perplexity_before']:.1f} after pruning, {info['perplexity_after']:.1f} after healing; the "
-            f"teacher's is {info['perplexity_teacher']:.1f} ({info['perplexity_after'] / info['perplexity_teacher']:.2f}×)."
+            f"teacher's is {info['perplexity_teacher']:.1f} "
+            f"({info['perplexity_after'] / info['perplexity_teacher']:.2f}×)."
             f"\n\n| tokens | perplexity | seconds |\n|---|---|---|\n{curve}\n\n{prepare.QUANT_NOTE}\n")
 
 
 def heal(args) -> Path:
     device = sft.resolve_device(args.device)
     args.dtype = sft.resolve_dtype(args.dtype, device)
-    config = {**vars(args), "device": str(device)}
+    export_dir = Path(args.export) if args.export else None
+    if export_dir and export_dir.exists() and not (export_dir / "heal.json").exists() and not args.overwrite:
+        raise UserError(f"--export {export_dir}: exists and was not made by heal.py (no heal.json); move it away or "
+                        "pass --overwrite to replace it")
     sft.seed_everything(args.seed)
     tok = data.load_tokenizer(args.teacher)
     texts = corpus_texts(args.data_dir)
     corpus = pack(texts, tok, args.seq_len)
+    if len(corpus) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size}: the corpus has only {len(corpus)} rows of --seq-len "
+                        f"{args.seq_len} tokens")
     held_out = pack(task_texts(*HELD_OUT, args.data_dir), tok, args.seq_len)[:max(1, args.eval_tokens // args.seq_len)]
+    # the content of every input, so --resume refuses a retrained teacher or changed text by name
+    config = {**vars(args), "device": str(device),
+              "inputs": {"teacher": model_fingerprint(args.teacher),
+                         "corpus": hashlib.sha256(corpus.numpy().tobytes()).hexdigest()[:16],
+                         "held_out": hashlib.sha256(held_out.numpy().tobytes()).hexdigest()[:16]}}
     teacher = load_model(args.teacher, device=device).requires_grad_(False).eval()
     g = torch.Generator().manual_seed(args.seed)
     calib = corpus[torch.randperm(len(corpus), generator=g)[:args.calib_rows]].to(device)
@@ -245,8 +261,9 @@ def heal(args) -> Path:
             step += 1
             bar.update(1)
             seconds = time.perf_counter() - t0
-            row = {"step": step, "tokens": step * rows.numel(), "kl": float(kd_sum.detach()) / n, "ce": float(ce_sum.detach()) / n,
-                   "lr": lr, "grad_norm": grad_norm, "tok_per_s": step * rows.numel() / seconds}
+            row = {"step": step, "tokens": step * rows.numel(), "kl": float(kd_sum.detach()) / n,
+                   "ce": float(ce_sum.detach()) / n, "lr": lr, "grad_norm": grad_norm,
+                   "tok_per_s": step * rows.numel() / seconds}
             if step % args.log_every == 0 or step == total:
                 log.log(row)
             bar.set_postfix(kl=f"{row['kl']:.3f}", ce=f"{row['ce']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
@@ -259,6 +276,9 @@ def heal(args) -> Path:
                 sft.save_checkpoint(out, step, student, tok, {"step": step, "perplexity": ppl, "kept_layers": kept},
                                     train_state={"tensors": {**tensors, **sft.rng_state()},
                                                  "json": {**optim_json, "seconds": seconds, "curve": curve}})
+                for s, path in sft.list_checkpoints(out):  # only the newest is needed to resume: 4 bytes a parameter
+                    if s < step:
+                        shutil.rmtree(path)
                 tqdm.write(f"step {step}: {row['tokens']:,} tokens, held-out perplexity {ppl:.1f} "
                            f"({ppl / ppl_teacher:.2f}x the teacher), {seconds / 60:.1f} min")
     finally:
@@ -304,7 +324,8 @@ def main(argv=None):
     a("--seed", type=int, default=0, help="seed of the calibration rows and the data order")
     a("--log-every", type=int, default=5, help="optimiser steps between metrics.jsonl lines")
     a("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    a("--overwrite", action="store_true", help="delete what --out holds and start over")
+    a("--overwrite", action="store_true", help="delete what --out holds and start over, and replace an --export dir "
+                                                "heal.py did not make")
     args = p.parse_args(argv)
     for flag in ("seq_len", "batch_size", "calib_rows", "eval_tokens", "evals", "log_every", "layers"):
         if getattr(args, flag) <= 0:
