@@ -1,13 +1,15 @@
 """The paper's comparison on one task, end to end, with a report (arXiv 2601.10114, Sec. 4).
 
-    python experiment.py                                   # ncbi_disease, 1 seed, cpu preset (about 70 minutes)
+    python experiment.py                                   # ncbi_disease, 1 seed, cpu preset
     python experiment.py --task pubmedqa --seeds 3         # three students per variant, one teacher
     python experiment.py --preset gpu --task ncbi_disease  # the paper's sizes
     python experiment.py --quick                           # tiny random models, whole pipeline in ~1 minute
     python experiment.py --variants scd_aw_from_sft,td_from_sft   # distil the SFT student instead of the base one
     python experiment.py --task jsonl --data train.jsonl,val.jsonl,test.jsonl   # your own task (see data.py)
 
-Stages, each skipped when its output is already complete (and resumed when it was interrupted):
+Stages, each skipped when its output is already complete (and resumed when it was interrupted); the settings that
+decide them are kept in OUT/TASK/experiment.json, and another invocation with other settings is refused:
+  0. the healed student, when --models has none (once)       heal.py
   1. teacher SFT with checkpoint dumps (once per task)        sft.py --role teacher
   2. student SFT, per seed (the frozen AW reference)          sft.py --role student
   3. per-sample losses and the SFS/TFS split, per seed        weights.py
@@ -17,10 +19,13 @@ Stages, each skipped when its output is already complete (and resumed when it wa
        SCD     checkpoint chosen by Metric 1 + Metric 2, fixed alpha
        AW      the final teacher only, adaptive weights   (the paper never ran this one)
        SCD+AW  both
-     each from the base student; `--variants scd_aw_from_sft,td_from_sft` starts from the seed's SFT student
-  5. test-split evaluation of the teacher, the base and SFT students and every variant
-Then OUT/TASK/results.md (+ results.json, schedule.png) with mean ± std over seeds, wall time per stage, the SFS/TFS
-shares and how each variant moved the student's loss on each side.
+     each from the base student; `--variants scd_aw_from_sft,td_from_sft` starts from the seed's SFT student.
+     Their learning rate is the paper's: grid-searched on TD (seed 0, validation score, --lr-grid) and shared by
+     every method; the from-SFT variants get their own search (--sft-lr-grid)
+  5. test-split evaluation of the teacher, the base and SFT students and every variant (every test example)
+Then OUT/TASK/results.md (+ results.json, schedule.png, predictions/<model>[_s<seed>].jsonl) with mean ± std over
+seeds, a paired bootstrap of each variant against TD and against the SFT student (per seed and pooled), wall time
+per stage, the SFS/TFS shares and how each variant moved the student's loss on each side.
 """
 
 import argparse
@@ -44,7 +49,7 @@ import heal
 import prepare
 import sft
 import weights
-from model import UserError, atomic_write_text, load_model, read_json, run_cli
+from model import UserError, atomic_write_text, load_model, model_fingerprint, read_json, run_cli
 
 VARIANTS = {  # name -> (label, distill.py flags)
     "td": ("TD", ["--schedule", "td", "--td-ckpt", "final", "--no-aw"]),
@@ -69,13 +74,13 @@ SCHEDULED = {"scd": "o-", "cd": "s--", "scd_aw": "^:",
 PRESETS = {
     # flags for every training script, the test examples scored (0 = all), the distillation learning rates searched
     # on TD (from the base student) and on TD from the SFT student, and the validation examples that choose them
-    "cpu": dict(train=["--preset", "cpu"], test_size=0, minutes=70, lr_grid="2e-4,5e-4,1e-3",
+    "cpu": dict(train=["--preset", "cpu"], test_size=0, lr_grid="2e-4,5e-4,1e-3",
                 sft_lr_grid="5e-5,1e-4,2e-4", grid_val=200),
-    "gpu": dict(train=["--preset", "gpu"], test_size=0, minutes=0, lr_grid="1e-5,2e-5,5e-5",
+    "gpu": dict(train=["--preset", "gpu"], test_size=0, lr_grid="1e-5,2e-5,5e-5",
                 sft_lr_grid="5e-6,1e-5,2e-5", grid_val=0),
     "quick": dict(train=["--preset", "cpu", "--train-size", "16", "--val-size", "4", "--max-len", "128",
                          "--batch-size", "4", "--epochs", "2", "--dtype", "fp32"],
-                  test_size=8, minutes=1, lr_grid="1e-3,3e-3", sft_lr_grid="1e-3", grid_val=4),
+                  test_size=8, lr_grid="1e-3,3e-3", sft_lr_grid="1e-3", grid_val=4),
 }
 BOOTSTRAP = 2000  # paired resamples of the test examples
 QUICK_SIZES = {"train_size": 16, "max_len": 128}  # as in the quick flags above
@@ -87,6 +92,20 @@ QUICK_STUDENT = ["--lr", "3e-3"]
 
 # -----------------------------------------------------------------------------
 # stage bookkeeping: skip what is complete, resume what was interrupted
+
+
+def check_settings(root: Path, settings: dict):
+    """Finished stages are reused by their outputs alone, so everything that changes them is recorded once in
+    root/experiment.json, and a later invocation with other settings (another lr grid, a retrained student, other
+    data) is refused by name instead of mixing runs."""
+    path = root / "experiment.json"
+    if path.exists():
+        diff = sft.config_diff(read_json(path), json.loads(json.dumps(settings)))
+        if diff:
+            key, old, new = diff
+            raise UserError(f"{path} has {key}={old!r} but this invocation has {key}={new!r}: its finished runs "
+                            "would be reused as they are; use another --out (or delete that dir)")
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
 def run_flags(out: Path, done: bool, resumable: bool) -> list[str] | None:
@@ -338,9 +357,10 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
     intervals = results.get("intervals", {})
     if intervals:
         lines += ["", f"## Paired bootstrap ({BOOTSTRAP} resamples of the {results.get('n_test', '?')} test examples)",
-                  "", "Each resample draws the test examples with replacement (the same draw for both models and every "
-                  "seed) and recomputes the " + metric + " of both sides from the resampled counts; the interval is the 2.5th-97.5th "
-                  "percentile of the difference. Pooled = the mean over seeds of the per-seed difference.", "",
+                  "", "Each resample draws the test examples with replacement (the same draw for both models and "
+                  f"every seed) and recomputes the {metric} of both sides from the resampled counts; the interval is "
+                  "the 2.5th-97.5th percentile of the difference. Pooled = the mean over seeds of the per-seed "
+                  "difference.", "",
                   "| comparison | pooled difference [95 % interval] | per seed | beyond the interval? |",
                   "|---|---|---|---|"]
         names = {k: label for label, k in rows}
@@ -406,7 +426,10 @@ def main(argv=None):
     p.add_argument("--models", default="models", help="dir with teacher/ and student/ (made by prepare.py)")
     p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (default "
                                                     "../shared/data)")
-    p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all; cpu preset 200)")
+    p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all, the presets' default)")
+    p.add_argument("--heal", action=argparse.BooleanOptionalAction, default=True,
+                   help="require the student to be heal.py's (it is made when missing); --no-heal uses --models' "
+                        "student/ as it is, e.g. an intact pretrained model of your own")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of evaluation")
     p.add_argument("--lr-grid", default=None, help="distillation learning rates tried on TD from the base student "
@@ -468,17 +491,29 @@ def main(argv=None):
         models = root / "models"
     elif not (models / "teacher" / "config.json").exists():
         raise UserError(f"--models {models}: no teacher/ there; run python prepare.py first")
-    n_runs = 2 + len(seeds) * (2 + len(args.variants))
-    print(f"experiment {args.task}: preset {args.preset}, seeds {seeds}, variants {args.variants}: {n_runs} runs; "
-          + (f"expected about {preset['minutes'] * (1 + 0.7 * (len(seeds) - 1)):.0f} minutes on 2 CPU cores"
-             if preset["minutes"] else "on a GPU, a few hours at the paper's sizes") + f" -> {root}")
+    grid_runs = len(args.lr_grid) + (len(args.sft_lr_grid) if any(v.endswith("_from_sft") for v in args.variants)
+                                     else 0)
+    n_runs = 2 + grid_runs + len(seeds) * (2 + len(args.variants))
+    print(f"experiment {args.task}: preset {args.preset}, seeds {seeds}, variants {args.variants}: {n_runs} training "
+          f"runs ({grid_runs} of them the learning-rate search); the README lists what each took -> {root}")
 
     timer = Timer(root / "timings.json")
-    if not args.quick and not (models / "student" / "config.json").exists():  # the healed student, made once
+    student_dir = models / "student"
+    if not args.quick and not (student_dir / "config.json").exists():  # the healed student, made once for all tasks
         heal_run = Path(args.out) / "heal"
         flags = ["--resume"] if sft.latest_resumable(heal_run) else (["--overwrite"] if heal_run.exists() else [])
-        timer.run("heal student", heal.main, ["--teacher", str(models / "teacher"), "--export", str(models / "student"),
-                                              "--out", str(heal_run), "--device", str(device), *flags])
+        timer.run("heal student", heal.main, [
+            "--teacher", str(models / "teacher"), "--export", str(student_dir), "--out", str(heal_run),
+            "--device", str(device), *(["--data-dir", args.data_dir] if args.data_dir and not args.data else []),
+            *flags])
+    elif not args.quick and not (student_dir / "heal.json").exists() and args.heal:
+        raise UserError(f"--models {models}: student/ was not made by heal.py (no heal.json); run python heal.py "
+                        "--overwrite to heal the default student, or pass --no-heal to use this one as it is")
+    check_settings(root, {"task": args.task, "data": args.data, "metric": args.metric, "preset": args.preset,
+                          "test_size": test_size, "lr_grid": args.lr_grid, "sft_lr_grid": args.sft_lr_grid,
+                          "teacher_checkpoints": args.teacher_checkpoints,
+                          "models": {"teacher": model_fingerprint(models / "teacher"),
+                                     "student": model_fingerprint(student_dir)}})
     task_flags = ["--task", args.task, *(["--data", args.data] if args.data else []),
                   *(["--metric", args.metric] if args.metric else []),
                   *(["--data-dir", args.data_dir] if args.data_dir else [])]

@@ -192,3 +192,22 @@ def test_quick_experiment_on_jsonl(name, kind, tmp_path, models_dir):
     assert 0.0 <= meta["val_metric"] <= 1.0
     assert (root / "weights_s0" / "losses.safetensors").exists()
     assert "| SCD+AW |" in (root / "results.md").read_text()
+
+
+def test_stale_settings_and_unhealed_student_are_refused(tmp_path, models_dir, tokenizer_dir):
+    from conftest import make_tiny_model
+    from model import UserError
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td"])
+    before = (tmp_path / "ncbi_disease_quick" / "timings.json").read_text()
+    # another lr grid would silently reuse the variants trained at the old one: refused by name, nothing run
+    with pytest.raises(UserError, match="lr_grid"):
+        experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td",
+                         "--lr-grid", "1e-2"])
+    assert (tmp_path / "ncbi_disease_quick" / "timings.json").read_text() == before
+    # a student that heal.py did not make is not used as "the healed student" without --no-heal
+    models = tmp_path / "models"
+    for name in ("teacher", "student"):
+        make_tiny_model(models / name, tokenizer_dir, n_layers=1)
+    with pytest.raises(UserError, match="no heal.json.*--no-heal"):
+        experiment.main(["--models", str(models), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x" / "ncbi_disease" / "teacher").exists()
