@@ -197,3 +197,9 @@ def test_heal_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
     assert not (tmp_path / "run").exists()  # refused before --out was touched
     with pytest.raises(UserError, match="--seq-len"):
         heal.main(["--seq-len", "0"])
+    mine = make_tiny_model(tmp_path / "mine", tokenizer_dir, n_layers=1)  # a model dir heal.py did not make
+    with pytest.raises(UserError, match="--export .*no heal.json"):
+        run_heal(tmp_path, teacher_dir, tmp_path / "run", mine)
+    assert (mine / "model.safetensors").exists() and not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="--batch-size 99999"):
+        run_heal(tmp_path, teacher_dir, tmp_path / "run", "", "--batch-size", "99999", "--seq-len", "4096")
