@@ -39,6 +39,7 @@ import distill
 import evaluate
 import prepare
 import sft
+import teacher_cache
 import weights
 from model import UserError, atomic_write_text, load_model, read_json, run_cli
 
@@ -232,6 +233,10 @@ def main(argv=None):
     p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all; cpu preset 200)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of evaluation")
+    p.add_argument("--teacher-cache", choices=["topk", "exact", "none"], default="topk",
+                   help="distil from the teacher checkpoints' log-probs, computed once per teacher into "
+                        "OUT/TASK/teacher_cache (teacher_cache.py), or 'none': every run forwards its teacher")
+    p.add_argument("--top-k", type=int, default=teacher_cache.DEFAULT_K, help="k of --teacher-cache topk")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -288,6 +293,22 @@ def main(argv=None):
         results["main"][key] = [m["main"]]
         results["n_test"] = m["n"]
 
+    cache_flags = []
+    if args.teacher_cache != "none":  # once per teacher; every variant and seed reads it
+        cache_dir = root / "teacher_cache"
+        probe_size = QUICK_DISTILL[QUICK_DISTILL.index("--probe-size") + 1] if args.quick else "32"
+        build = [teacher_cache.main, ["--teacher", str(teacher_run), "--out", str(cache_dir), "--tokenizer",
+                                      str(models / "student"), "--form", args.teacher_cache, "--top-k",
+                                      str(args.top_k), "--seeds", ",".join(map(str, seeds)), "--probe-size",
+                                      probe_size, "--task", args.task, "--train-size", str(sizes["train_size"]),
+                                      "--max-len", str(sizes["max_len"]), "--dtype", args.dtype, "--device",
+                                      str(device), *(["--data-dir", args.data_dir] if args.data_dir else [])]]
+        if "teacher cache" in timer.times and (cache_dir / teacher_cache.MANIFEST).exists():
+            build[0](build[1])  # checks the cache; writes only what a changed teacher needs, so it keeps its time
+        else:
+            timer.run("teacher cache", *build)
+        cache_flags = ["--teacher-cache", str(cache_dir)]
+
     sides, split = {}, None
     for seed in seeds:
         s_common = [*common, "--seed", str(seed)]
@@ -322,7 +343,7 @@ def main(argv=None):
                     "--init", str(student_final if variant.endswith("_from_sft") else models / "student"),
                     "--aw-table", str(aw_dir / "losses.safetensors"),
                     "--variant", variant, "--out", str(out), "--eval-size", str(test_size),
-                    "--probe-cache", str(root / "probe_cache"), *s_common,
+                    "--probe-cache", str(root / "probe_cache"), *cache_flags, *s_common,
                     *(QUICK_DISTILL if args.quick else []), *flags])
             results["main"][variant].append(read_json(out / "final" / f"eval_{args.task}_test.json")["main"])
 

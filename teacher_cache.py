@@ -43,6 +43,7 @@ FORMS = ("exact", "topk")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MANIFEST = "manifest.json"
 VERSION = 1
+DEFAULT_K = 64  # NCBI, SFT teacher: KD term within 1 % of exact at k = 64 (README, Performance)
 
 # -----------------------------------------------------------------------------
 # the key: everything a cached value depends on
@@ -91,6 +92,14 @@ def storage_bytes(n_tokens: int, n_probe_tokens: int, vocab_size: int, form: str
 # building
 
 
+def top_k(logp: torch.Tensor, k: int, precision: str = "fp16"):
+    """fp32 log-probs (N, V) -> the k largest, rounded to `precision` (N, k), their token ids (N, k) int32, and the
+    log of the remaining mass (N,) fp32, summed from the other tokens' own log-probs (1 − Σ top-k would cancel)."""
+    values, indices = logp.topk(min(k, logp.shape[-1]), -1)
+    tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), -1)
+    return values.to(PRECISIONS[precision]), indices.int(), tail
+
+
 @torch.no_grad()
 def checkpoint_tensors(model, items: list[dict], pad_id: int, form: str, k: int, precision: str, probe_ids: set,
                        batch_size: int, device, dtype: str) -> dict[str, torch.Tensor]:
@@ -108,9 +117,7 @@ def checkpoint_tensors(model, items: list[dict], pad_id: int, form: str, k: int,
         logp = torch.log_softmax(logits.float(), -1)
         gold = logp.gather(-1, labels[:, None])[:, 0]
         if form == "topk":
-            values, indices = logp.topk(min(k, logp.shape[-1]), -1)  # (N, k)
-            # the tail's mass from the fp32 log-probs of its own tokens, not as 1 − Σ top-k (which cancels)
-            tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), -1)
+            values, indices, tail = top_k(logp, k, precision)  # (N, k), (N, k), (N,)
         n = torch.bincount(rows, minlength=len(chunk)).tolist()
         for it, sl in zip(chunk, torch.arange(len(rows), device=rows.device).split(n)):
             key = it["id"]
@@ -118,8 +125,8 @@ def checkpoint_tensors(model, items: list[dict], pad_id: int, form: str, k: int,
             if form == "exact":
                 out[f"logp/{key}"] = logp[sl].to(store).cpu()
             else:
-                out[f"values/{key}"] = values[sl].to(store).cpu()
-                out[f"indices/{key}"] = indices[sl].int().cpu()
+                out[f"values/{key}"] = values[sl].cpu()
+                out[f"indices/{key}"] = indices[sl].cpu()
                 out[f"tail/{key}"] = tail[sl].cpu()
                 if key in probe_ids:
                     out[f"probe/{key}"] = logp[sl].to(store).cpu()
@@ -281,9 +288,11 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
     p.add_argument("--out", default="runs/teacher_cache", help="cache dir (distill.py --teacher-cache)")
+    p.add_argument("--steps", default="all",
+                   help="teacher checkpoints to cache: 'all' (SCD, CD), 'best' or 'final' (TD), or comma-separated steps")
     p.add_argument("--form", choices=FORMS, default="topk",
                    help="exact: all V log-probs per answer position; topk: the k largest + the tail's log-mass")
-    p.add_argument("--top-k", type=int, default=64, help="k of --form topk")
+    p.add_argument("--top-k", type=int, default=DEFAULT_K, help="k of --form topk")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16",
                    help="on-disk dtype of the log-probs (gold log-probs and tail masses are always fp32)")
     p.add_argument("--probe-size", type=int, default=32, help="distill.py's --probe-size: a top-k cache keeps the "
@@ -303,6 +312,17 @@ def main(argv=None):
     checkpoints = sft.list_checkpoints(args.teacher)
     if not checkpoints:
         raise UserError(f"{args.teacher}: no complete checkpoints (step_XXXXXX/ with meta.json); run sft.py first")
+    steps = None
+    if args.steps != "all":
+        index = sft.read_checkpoint_index(args.teacher)
+        named = {"best": index["best"], "final": index["final"] if index["final"] is not None else index["steps"][-1]}
+        try:
+            steps = sorted({named[s] if s in named else int(s) for s in args.steps.split(",")})
+        except ValueError:
+            raise UserError(f"--steps {args.steps!r}: expected 'all', 'best', 'final' or step numbers") from None
+        missing = [s for s in steps if s not in index["steps"]]
+        if missing:
+            raise UserError(f"--steps: {args.teacher} has no checkpoint step {missing[0]} (has {index['steps']})")
     tok_dir = Path(args.tokenizer or checkpoints[0][1])
     schedule.check_same_vocab({f"--tokenizer {tok_dir}": tok_dir,
                                **{f"--teacher {p_}": p_ for _, p_ in checkpoints}})
@@ -312,7 +332,7 @@ def main(argv=None):
         raise UserError(f"task {args.task}: the training split is empty")
     probe_ids = {it["id"] for s in seeds for it in schedule.probe_items(items, args.probe_size, s)}
     out = build(args.out, args.teacher, items, tok.pad_id, args.max_len, args.form, args.top_k, args.precision,
-                probe_ids, args.batch_size, device, args.dtype)
+                probe_ids, args.batch_size, device, args.dtype, steps)
     atomic_write_text(out / "config.json", json.dumps({**vars(args), "device": str(device)}, indent=2) + "\n")
     print(f"done: {out}")
 
