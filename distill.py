@@ -3,13 +3,15 @@
     python distill.py                                    # SCD + AW: runs/teacher checkpoints -> models/student
     python distill.py --schedule td --no-aw --alpha 1    # plain KD from the best teacher checkpoint
     python distill.py --schedule cd --loss jsd --beta 0.1
+    python distill.py --teacher-cache runs/teacher_cache  # from teacher_cache.py's log-probs: no teacher forward
 
 The run has --stages stages. At each stage start the scheduler (schedule.py) picks a teacher checkpoint, which is
 loaded in place of the previous one, and the optimiser and lr schedule start afresh. Each sample's loss is
 w·KD + (1 − w)·CE_gold over its answer tokens, with w from AW (weights.py) or a fixed --alpha, summed and divided by
 the answer-token count of the whole optimiser step. Output in runs/distill/<variant>/: stage_XX/ and final/ (HF
 layout), schedule.jsonl (one line per teacher choice), metrics.jsonl, config.json, resume/ (for --resume) and the
-final evaluation in final/eval_<task>_<split>.json.
+final evaluation in final/eval_<task>_<split>.json. With --teacher-cache (teacher_cache.py) no teacher model is
+loaded: the KD term, AW's L_ckpt and SCD's probe read the checkpoints' cached log-probs.
 
 Divergences take answer-position logits (N, V) of the student and the teacher and return one value per token (N,),
 so the caller can weight each sample. They work in fp32 log-space: probabilities only ever multiply a difference of

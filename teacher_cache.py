@@ -213,7 +213,8 @@ class TeacherCache:
     def check(self, key: dict, probe: list[dict] = ()):
         """Refuse, naming what differs, a cache not made for this run's items, max length, forward dtype, device
         kind or teacher checkpoints (key from cache_key), or one without exact rows for SCD's `probe` items."""
-        have, fix = self.manifest["key"], f"rebuild it with python teacher_cache.py --out {self.root} and this run's flags"
+        have = self.manifest["key"]
+        fix = f"rebuild it with python teacher_cache.py --out {self.root} and this run's flags"
         for part, what in (("max_len", "--max-len"), ("data", "training items (ids and tokens)"),
                            ("dtype", "--dtype"), ("device", "device kind")):
             if have[part] != key[part]:
@@ -289,7 +290,7 @@ def main(argv=None):
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
     p.add_argument("--out", default="runs/teacher_cache", help="cache dir (distill.py --teacher-cache)")
     p.add_argument("--steps", default="all",
-                   help="teacher checkpoints to cache: 'all' (SCD, CD), 'best' or 'final' (TD), or comma-separated steps")
+                   help="teacher checkpoints to cache: 'all' (SCD, CD), 'best' or 'final' (TD), or steps 'S1,S2'")
     p.add_argument("--form", choices=FORMS, default="topk",
                    help="exact: all V log-probs per answer position; topk: the k largest + the tail's log-mass")
     p.add_argument("--top-k", type=int, default=DEFAULT_K, help="k of --form topk")

@@ -7,9 +7,10 @@ Step: the batch's items are cached from --teacher (teacher_cache.checkpoint_tens
 dir; then distill.distill_step + the optimiser step with the teacher model (online, the teacher forward included),
 from the exact cache and from the top-k cache alternate --rounds times on the same batch, so load from other
 processes hits all alike; the median of the per-round ratios cache / online is reported (target <= 0.75).
-RSS (with --teacher-run): distill.py runs as a child process twice, TD on the best checkpoint of that run, one stage
-of --rss-steps steps, no AW, no evaluation: once loading the teacher, once from a top-k cache of it (built first,
-untimed); the peak RSS of each child comes from os.wait4.
+Whole runs (with --teacher-run): distill.py runs as a child process, SCD without AW over every checkpoint of that run,
+--run-stages stages of --run-steps steps, no evaluation: loading its teachers (and filling a fresh probe cache, as
+the first run on a teacher does), and from a top-k cache of them, built first and timed on its own. The two
+alternate --repeats times; peak RSS (os.wait4) and wall time of each child are reported.
 """
 
 import argparse
@@ -71,8 +72,10 @@ def main():
     p.add_argument("--top-k", type=int, default=teacher_cache.DEFAULT_K, help="k of the top-k cache")
     p.add_argument("--aw", action=argparse.BooleanOptionalAction, default=True, help="AW weights (else alpha 0.5)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs every variant once)")
-    p.add_argument("--rss-steps", type=int, default=4, help="optimiser steps of each distill.py RSS run")
-    p.add_argument("--rss-train-size", type=int, default=64, help="training examples of the RSS runs")
+    p.add_argument("--run-stages", type=int, default=2, help="stages of each whole distill.py run")
+    p.add_argument("--run-steps", type=int, default=4, help="optimiser steps per stage of each whole run")
+    p.add_argument("--run-train-size", type=int, default=64, help="training examples of the whole runs")
+    p.add_argument("--repeats", type=int, default=2, help="whole runs of each kind, alternating")
     add_threads_arg(p)
     a = p.parse_args()
     set_threads(a.threads)
@@ -125,19 +128,27 @@ def main():
 
     if a.teacher_run:
         cache = tmp / "run_cache"
-        size = ["--train-size", str(a.rss_train_size), "--max-len", str(a.max_len), "--dtype", a.dtype,
+        size = ["--train-size", str(a.run_train_size), "--max-len", str(a.max_len), "--dtype", a.dtype,
                 "--device", "cpu"]
-        teacher_cache.main(["--teacher", a.teacher_run, "--out", str(cache), "--steps", "best", "--tokenizer",
-                            a.student, "--top-k", str(a.top_k), "--task", a.task, *size])
-        common = [sys.executable, "distill.py", "--schedule", "td", "--td-ckpt", "best", "--no-aw", "--teacher",
-                  a.teacher_run, "--init", a.student, "--task", a.task, *size, "--val-size", "2", "--stages", "1",
-                  "--stage-steps", str(a.rss_steps), "--batch-size", str(a.batch_size), "--eval-split", "none",
+        t0 = time.perf_counter()
+        teacher_cache.main(["--teacher", a.teacher_run, "--out", str(cache), "--tokenizer", a.student, "--top-k",
+                            str(a.top_k), "--task", a.task, *size])
+        print(f"cache build: {time.perf_counter() - t0:.0f} s")
+        common = [sys.executable, "distill.py", "--schedule", "scd", "--no-aw", "--teacher", a.teacher_run, "--init",
+                  a.student, "--task", a.task, *size, "--val-size", "2", "--stages", str(a.run_stages),
+                  "--stage-steps", str(a.run_steps), "--batch-size", str(a.batch_size), "--eval-split", "none",
                   "--overwrite"]
-        online = peak_rss([*common, "--out", str(tmp / "online")])
-        from_cache = peak_rss([*common, "--out", str(tmp / "cached"), "--teacher-cache", str(cache)])
-        print(f"distill.py peak RSS ({a.rss_steps} steps, TD, {a.rss_train_size} examples): with the teacher "
-              f"{online[0]:.0f} MiB ({online[1]:.0f} s), from the top-{a.top_k} cache {from_cache[0]:.0f} MiB "
-              f"({from_cache[1]:.0f} s): {from_cache[0] / online[0]:.2f}x")
+        found = {"online": [], "cache": []}
+        for r in range(a.repeats):
+            found["online"].append(peak_rss([*common, "--out", str(tmp / "online"), "--probe-cache",
+                                             str(tmp / f"probe_cache_{r}")]))
+            found["cache"].append(peak_rss([*common, "--out", str(tmp / "cached"), "--teacher-cache", str(cache)]))
+        for k, label in (("online", "loading the teachers"), ("cache", f"from the top-{a.top_k} cache")):
+            print(f"  distill.py {label:24s} peak RSS {', '.join(f'{m:.0f}' for m, _ in found[k])} MiB, wall "
+                  f"{', '.join(f'{t:.0f}' for _, t in found[k])} s")
+        med = {k: [statistics.median(x[i] for x in v) for i in (0, 1)] for k, v in found.items()}
+        print(f"distill.py ({a.run_stages} x {a.run_steps} steps, SCD, {a.run_train_size} examples), cache / online: "
+              f"peak RSS {med['cache'][0] / med['online'][0]:.2f}x, wall {med['cache'][1] / med['online'][1]:.2f}x")
 
 
 if __name__ == "__main__":
