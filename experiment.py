@@ -233,7 +233,7 @@ def main(argv=None):
     p.add_argument("--test-size", type=int, default=None, help="test examples to score (0 = all; cpu preset 200)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of evaluation")
-    p.add_argument("--teacher-cache", choices=["topk", "exact", "none"], default="topk",
+    p.add_argument("--teacher-cache", choices=["exact", "topk", "none"], default="exact",
                    help="distil from the teacher checkpoints' log-probs, computed once per teacher into "
                         "OUT/TASK/teacher_cache (teacher_cache.py), or 'none': every run forwards its teacher")
     p.add_argument("--top-k", type=int, default=teacher_cache.DEFAULT_K, help="k of --teacher-cache topk")

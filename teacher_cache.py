@@ -2,8 +2,8 @@
 (SCD's candidate checkpoints are fixed before distillation starts, arXiv 2601.10114 Sec. 3.2), so distill.py's KD
 term, AW's L_ckpt and SCD's probe read them and no teacher model is loaded during distillation.
 
-    python teacher_cache.py --teacher runs/teacher --out runs/teacher_cache             # top-k, k = 64
-    python teacher_cache.py --teacher runs/teacher --out runs/teacher_cache --form exact
+    python teacher_cache.py --teacher runs/teacher --out runs/teacher_cache             # exact, fp16 on disk
+    python teacher_cache.py --teacher runs/teacher --out runs/teacher_cache --form topk --top-k 64
     python distill.py --teacher-cache runs/teacher_cache
 
 One safetensors shard per checkpoint, OUT/step_XXXXXX.safetensors, holding for each training example (key
@@ -291,7 +291,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/teacher_cache", help="cache dir (distill.py --teacher-cache)")
     p.add_argument("--steps", default="all",
                    help="teacher checkpoints to cache: 'all' (SCD, CD), 'best' or 'final' (TD), or steps 'S1,S2'")
-    p.add_argument("--form", choices=FORMS, default="topk",
+    p.add_argument("--form", choices=FORMS, default="exact",
                    help="exact: all V log-probs per answer position; topk: the k largest + the tail's log-mass")
     p.add_argument("--top-k", type=int, default=DEFAULT_K, help="k of --form topk")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16",
