@@ -237,6 +237,9 @@ def main(argv=None):
                    help="distil from the teacher checkpoints' log-probs, computed once per teacher into "
                         "OUT/TASK/teacher_cache (teacher_cache.py), or 'none': every run forwards its teacher")
     p.add_argument("--top-k", type=int, default=teacher_cache.DEFAULT_K, help="k of --teacher-cache topk")
+    p.add_argument("--cache-precision", choices=sorted(teacher_cache.PRECISIONS), default="fp32",
+                   help="on-disk dtype of the cached log-probs; fp32 distils as the teacher model would, to fp "
+                        "rounding (cpu preset on NCBI: 553 MiB per checkpoint; fp16 halves it)")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -299,9 +302,10 @@ def main(argv=None):
         probe_size = QUICK_DISTILL[QUICK_DISTILL.index("--probe-size") + 1] if args.quick else "32"
         build = [teacher_cache.main, ["--teacher", str(teacher_run), "--out", str(cache_dir), "--tokenizer",
                                       str(models / "student"), "--form", args.teacher_cache, "--top-k",
-                                      str(args.top_k), "--seeds", ",".join(map(str, seeds)), "--probe-size",
-                                      probe_size, "--task", args.task, "--train-size", str(sizes["train_size"]),
-                                      "--max-len", str(sizes["max_len"]), "--dtype", args.dtype, "--device",
+                                      str(args.top_k), "--precision", args.cache_precision, "--seeds",
+                                      ",".join(map(str, seeds)), "--probe-size", probe_size, "--task", args.task,
+                                      "--train-size", str(sizes["train_size"]), "--max-len", str(sizes["max_len"]),
+                                      "--dtype", args.dtype, "--device",
                                       str(device), *(["--data-dir", args.data_dir] if args.data_dir else [])]]
         if "teacher cache" in timer.times and (cache_dir / teacher_cache.MANIFEST).exists():
             build[0](build[1])  # checks the cache; writes only what a changed teacher needs, so it keeps its time
