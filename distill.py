@@ -3,13 +3,15 @@
     python distill.py                                    # SCD + AW: runs/teacher checkpoints -> models/student
     python distill.py --schedule td --no-aw --alpha 1    # plain KD from the best teacher checkpoint
     python distill.py --schedule cd --loss jsd --beta 0.1
+    python distill.py --teacher-cache runs/teacher_cache  # from teacher_cache.py's log-probs: no teacher forward
 
 The run has --stages stages. At each stage start the scheduler (schedule.py) picks a teacher checkpoint, which is
 loaded in place of the previous one, and the optimiser and lr schedule start afresh. Each sample's loss is
 w·KD + (1 − w)·CE_gold over its answer tokens, with w from AW (weights.py) or a fixed --alpha, summed and divided by
 the answer-token count of the whole optimiser step. Output in runs/distill/<variant>/: stage_XX/ and final/ (HF
 layout), schedule.jsonl (one line per teacher choice), metrics.jsonl, config.json, resume/ (for --resume) and the
-final evaluation in final/eval_<task>_<split>.json.
+final evaluation in final/eval_<task>_<split>.json. With --teacher-cache (teacher_cache.py) no teacher model is
+loaded: the KD term, AW's L_ckpt and SCD's probe read the checkpoints' cached log-probs.
 
 Beyond the paper, each off by default (issue #16): --candidates N walks N of the teacher run's checkpoints,
 --metric-balance and --forward-only change how SCD chooses (schedule.py), --aw-anchor current replaces L_stuSFT by
@@ -40,6 +42,7 @@ import data
 import evaluate
 import schedule
 import sft
+import teacher_cache
 import weights
 from model import UserError, load_model, model_fingerprint, read_json, run_cli
 
@@ -123,6 +126,38 @@ DIVERGENCES = {"fkl": forward_kl, "rkl": reverse_kl, "jsd": jsd, "skew_fkl": ske
                "skew_rkl": skew_reverse_kl, "tvd": tvd}
 
 
+# -----------------------------------------------------------------------------
+# a top-k teacher: the divergences on k + 1 buckets
+
+
+def bucket_log_probs(logq: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Collapse log-probs (n, V) into k + 1 buckets (n, k + 1): the tokens `indices` (n, k), then one bucket for all
+    the others, log Σ_{v ∉ top-k} q_v (computed from their own log-probs, not as 1 − Σ top-k). With k = V there is
+    nothing left and no tail bucket."""
+    top = logq.gather(-1, indices)
+    if indices.shape[-1] >= logq.shape[-1]:
+        return top
+    rest = logq.scatter(-1, indices, float("-inf"))
+    return torch.cat([top, torch.logsumexp(rest, -1, keepdim=True)], -1)
+
+
+def teacher_buckets(values: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float = 1.0):
+    """The cached top-k teacher as k + 1 bucket log-probs at temperature T: softmax over
+
+        log p_v / T  for the k kept tokens,   log(V − k) + (log m − log(V − k)) / T  for the tail of mass m.
+
+    The tail's own log-probs were not kept, so it is tempered as if its mass were spread evenly over its V − k
+    tokens: exact at T = 1 (the buckets are then p itself, renormalised after the on-disk rounding), exact for a
+    one-token tail (k = V − 1) and with no tail (k = V); otherwise an approximation, which flattens (T > 1) or
+    sharpens (T < 1) the tail less than the real tail would be."""
+    logits = values.float() / temperature
+    k = values.shape[-1]
+    if k < vocab_size:
+        log_n = math.log(vocab_size - k)
+        logits = torch.cat([logits, (log_n + (tail.float() - log_n) / temperature)[:, None]], -1)
+    return F.log_softmax(logits, -1)
+
+
 def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy −log softmax(logits)[label] per token (N,); label -100 gives 0."""
     return F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=-100)
@@ -154,23 +189,39 @@ def chunked(fn, *xs: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def token_losses(h: torch.Tensor, head, teacher_logits: torch.Tensor, labels: torch.Tensor, loss: str = "fkl",
+def token_losses(h: torch.Tensor, head, teacher, labels: torch.Tensor, loss: str = "fkl",
                  temperature: float = 1.0, rows: int | None = None, **params) -> tuple[torch.Tensor, torch.Tensor]:
     """Per answer token: the divergence of the student from the teacher, and the student's gold CE; (N,) each.
 
     h (N, D) are the student's hidden states at answer positions and head(h) its fp32 logits (pass
-    head=lambda x: x to give logits directly); teacher_logits (N, V) carry no gradient. head runs inside each slice,
-    so the student's (N, V) logits are never built whole. The CE is at temperature 1, the divergence at
-    `temperature`; `params` go to the divergence (beta for jsd, lam for the skew KLs).
+    head=lambda x: x to give logits directly). head runs inside each slice, so the student's (N, V) logits are never
+    built whole. The CE is at temperature 1, the divergence at `temperature`; `params` go to the divergence (beta
+    for jsd, lam for the skew KLs). The teacher carries no gradient and is either
+
+    - (N, V) logits, or log-probs (the exact teacher cache: log_softmax(log p / T) = log_softmax(logits / T)), or
+    - a teacher_cache.TopK: then both distributions are collapsed into the same k + 1 buckets, the teacher's k
+      tokens and one tail bucket (bucket_log_probs on the student's exact tempered log-probs, teacher_buckets on the
+      teacher's), and the divergence is taken between the buckets (at T = 1: they are already tempered, and
+      log_softmax of normalised log-probs changes nothing). Every divergence here is an f-divergence, so by the
+      data-processing inequality the bucketed value is a lower bound of the full one (for forward KL: the mass the
+      student puts on the wrong tail tokens is not penalised); it is exact when the tail is one token or empty.
     """
     divergence = DIVERGENCES[loss]
+    if isinstance(teacher, teacher_cache.TopK):
+        def slice_buckets(h, values, indices, tail, y):
+            s = head(h)  # (n, V) fp32
+            logq = bucket_log_probs(log_probs(s, temperature), indices)  # (n, k + 1)
+            logp = teacher_buckets(values, tail, s.shape[-1], temperature)
+            return divergence(logq, logp, 1.0, **params), per_token_ce(s, y)
+
+        return chunked(slice_buckets, h, teacher.values, teacher.indices, teacher.tail, labels,
+                       rows=rows or chunk_rows(teacher.vocab_size))
 
     def slice_losses(h, t, y):
         s = head(h)  # (n, V) fp32
         return divergence(s, t, temperature, **params), per_token_ce(s, y)
 
-    return chunked(slice_losses, h, teacher_logits.detach(), labels,
-                   rows=rows or chunk_rows(teacher_logits.shape[-1]))
+    return chunked(slice_losses, h, teacher.detach(), labels, rows=rows or chunk_rows(teacher.shape[-1]))
 
 
 def objective_sum(kd: torch.Tensor, ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -219,11 +270,27 @@ def student_sft_lookup(args, items: list[dict], tok, student_sft: Path, out: Pat
     return lambda ids: torch.tensor([by_id[i] for i in ids])
 
 
+@torch.no_grad()
+def teacher_targets(teacher, batch: dict, device, dtype: str, gold_ce: bool):
+    """The teacher at a micro-batch's N answer positions: (target, CE (N,) of its gold tokens or None), target being
+    (N, V) logits, (N, V) log-probs or a TopK. `teacher` is a model, run here, or a teacher_cache.CachedTeacher."""
+    if isinstance(teacher, teacher_cache.CachedTeacher):
+        target, gold_logp = teacher.targets(batch, device)
+        return target, -gold_logp
+    with sft.autocast(device, dtype):
+        logits, labels, _ = sft.answer_logits(teacher, batch)  # (N, V), (N,)
+    if not gold_ce:
+        return logits, None
+    ce, = chunked(lambda t, y: (per_token_ce(t, y),), logits, labels, rows=chunk_rows(logits.shape[-1]))
+    return logits, ce
+
+
 def distill_step(student, teacher, micro_batches, loss_student_sft, args, device) -> dict:
     """Gradients of one optimiser step: Σ_j w·KD_j + (1 − w)·CE_j over the micro-batches' answer tokens, divided
     by their global count. Per sample, w = aw_weight(L_stuSFT, L_ckpt) with L_ckpt the token-mean CE of the very
-    teacher logits the KD term uses (AW), or w = --alpha. Returns token means of loss, KD and CE, and the mean w.
+    teacher the KD term uses (AW), or w = --alpha. Returns token means of loss, KD and CE, and the mean w.
 
+    teacher is the teacher model or its cached values (teacher_cache.CachedTeacher: the same numbers, no forward).
     loss_student_sft maps example ids to L_stuSFT ((B,) tensor), or is None without AW.
     """
     n_tokens = sum(sft.n_answer_tokens(b) for b in micro_batches)  # global count: accumulation-invariant
@@ -233,19 +300,16 @@ def distill_step(student, teacher, micro_batches, loss_student_sft, args, device
     for batch in micro_batches:
         batch = sft.to_device(batch, device)
         B = batch["input_ids"].shape[0]
-        with torch.no_grad(), sft.autocast(device, args.dtype):
-            teacher_logits, labels, rows = sft.answer_logits(teacher, batch)  # (N, V), (N,), (N,)
+        target, ce_teacher = teacher_targets(teacher, batch, device, args.dtype, loss_student_sft is not None)
+        with sft.autocast(device, args.dtype):
+            h, labels, rows = sft.answer_hidden(student, batch)  # (N, D)
         if loss_student_sft is None:
             w = torch.full((B,), args.alpha, device=device)
         else:
-            with torch.no_grad():
-                ce_teacher, = chunked(lambda t, y: (per_token_ce(t, y),), teacher_logits, labels,
-                                      rows=chunk_rows(teacher_logits.shape[-1]))
             w = weights.aw_weight(loss_student_sft(batch["ids"]).to(device),
                                   weights.sample_mean(ce_teacher, rows, B))  # (B,)
         with sft.autocast(device, args.dtype):
-            h, labels, rows = sft.answer_hidden(student, batch)  # (N, D)
-            kd, ce = token_losses(h, student.lm_logits, teacher_logits, labels, args.loss, args.temperature,
+            kd, ce = token_losses(h, student.lm_logits, target, labels, args.loss, args.temperature,
                                   **params.get(args.loss, {}))
             loss = objective_sum(kd, ce, w[rows]) / max(n_tokens, 1)
         loss.backward()
@@ -374,6 +438,8 @@ def unused_flags(args) -> dict[str, str]:
         unused["candidates"] = "chooses the checkpoints a schedule walks; --schedule td uses one"
     if not args.candidates:
         unused["candidate_spacing"] = "places --candidates; without it every checkpoint is a candidate"
+    if args.schedule == "scd" and args.teacher_cache:
+        unused["probe_cache"] = "holds probe log-probs computed by teacher forwards; --teacher-cache has them already"
     if args.schedule != "scd":
         why = f"is SCD's probe; --schedule {args.schedule} does not score checkpoints"
         unused.update(probe_size=why, probe_cache=why)
@@ -417,6 +483,10 @@ def main(argv=None):
     p.add_argument("--probe-size", type=int, default=32, help="training examples in SCD's probe set")
     p.add_argument("--probe-cache", default="runs/probe_cache",
                    help="dir of the teacher checkpoints' probe log-probs, shared by runs (keyed by content)")
+    p.add_argument("--teacher-cache", default=None,
+                   help="dir from teacher_cache.py: KD, AW and SCD's probe read the teacher checkpoints' cached "
+                        "log-probs and no teacher model is loaded (refused if not made for this run's data, "
+                        "--max-len, --dtype and checkpoints)")
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
     p.add_argument("--td-ckpt", choices=["best", "final"], default="best", help="the teacher checkpoint TD uses")
     p.add_argument("--distinct", action="store_true",
@@ -486,6 +556,13 @@ def distill(args) -> Path:
         raise UserError(f"task {args.task}: the training split is empty")
     data.check_generation_flag(args.task, train_examples, "--max-new-tokens", args.max_new_tokens)
     sides = read_sides(args.sides, train_items) if args.sides else None
+    probe = schedule.probe_items(train_items, args.probe_size, args.seed)
+    cached = None
+    if args.teacher_cache:  # only the checkpoints this schedule can choose need to be in it
+        cached = teacher_cache.TeacherCache(args.teacher_cache)
+        usable = [schedule.td_choice(index, args.td_ckpt == "final")] if args.schedule == "td" else index["steps"]
+        cached.check(teacher_cache.cache_key(train_items, {s: checkpoints[s] for s in usable}, args.max_len,
+                                             args.dtype, device.type), probe if args.schedule == "scd" else ())
     # the content of every input, so --resume refuses a retrained teacher or an edited data file by name
     inputs = {"train": sft.items_fingerprint(train_items), "val": sft.items_fingerprint(val_items),
               "init": model_fingerprint(args.init), "teacher": {str(s): model_fingerprint(p) for s, p in
@@ -506,8 +583,9 @@ def distill(args) -> Path:
     if args.aw and args.aw_anchor == "sft":
         loss_student_sft = student_sft_lookup(args, train_items, tok, student_sft, out, device)
     cache = None
-    probe = schedule.probe_items(train_items, args.probe_size, args.seed)
-    if args.schedule == "scd":
+    if args.schedule == "scd" and cached is not None:
+        cache = cached.probe(probe)
+    elif args.schedule == "scd":
         cache = schedule.ProbeCache(args.probe_cache, probe, list(checkpoints.items()), args.dtype, device, tok.files)
         cache.build(tok.pad_id, args.eval_batch_size)
 
@@ -536,7 +614,8 @@ def distill(args) -> Path:
                                    forward_only=args.forward_only)
 
     print(f"distill {args.variant}: {args.schedule.upper()}{' + AW' if args.aw else f', alpha {args.alpha}'}, "
-          f"{args.loss} at T={args.temperature}; {len(index['steps'])} teacher checkpoints (best {index['best']}), "
+          f"{args.loss} at T={args.temperature}; {len(index['steps'])} teacher checkpoints (best {index['best']}"
+          f"{', from the cache ' + cached.describe() if cached is not None else ''}), "
           f"{args.stages} stages x {stage_steps} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x"
           f"{args.grad_accum}), {len(train_items)} train examples, {student.num_params() / 1e6:.1f}M-param student "
           f"on {device} -> {out}")
@@ -552,7 +631,8 @@ def distill(args) -> Path:
             loss_student_sft, anchor_stage = stage_anchor(out, stage, student, train_items, tok, args, device), stage
         if chosen != teacher_step:  # only one teacher checkpoint in memory at a time: drop the old one first
             teacher = None
-            teacher = load_model(checkpoints[chosen], device=device).requires_grad_(False).eval()
+            teacher = cached.checkpoint(chosen) if cached is not None else \
+                load_model(checkpoints[chosen], device=device).requires_grad_(False).eval()
             teacher_step = chosen
         optimizer = sft.make_optimizer(student, args.lr, args.weight_decay)  # fresh at every stage
         if state is not None:

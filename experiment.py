@@ -48,6 +48,7 @@ import evaluate
 import heal
 import prepare
 import sft
+import teacher_cache
 import weights
 from model import UserError, atomic_write_text, load_model, model_fingerprint, read_json, run_cli
 
@@ -155,8 +156,9 @@ def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_run: Pat
     out = list(flags)
     if "--aw" in flags and "current" not in flags:  # the dynamic anchor needs no frozen SFT student
         out += ["--student-sft", str(student_run), "--aw-table", str(aw_dir / "losses.safetensors")]
-    if flags[flags.index("--schedule") + 1] == "scd":
-        out += ["--probe-cache", str(root / "probe_cache"), *(QUICK_PROBE if args.quick else [])]
+    if flags[flags.index("--schedule") + 1] == "scd":  # the probe's rows come from the teacher cache when there is one
+        out += [*(["--probe-cache", str(root / "probe_cache")] if args.teacher_cache == "none" else []),
+                *(QUICK_PROBE if args.quick else [])]
     if args.quick and args.kind != "choices":
         out += ["--max-new-tokens", str(QUICK_MAX_NEW)]
     return out
@@ -442,6 +444,13 @@ def main(argv=None):
     p.add_argument("--teacher-checkpoints", type=int, default=None,
                    help="checkpoints the teacher SFT saves (sft.py --checkpoints; default its 10); 20 lets the "
                         "scd_aw_c3..c20 variants all be subsets of one teacher run")
+    p.add_argument("--teacher-cache", choices=["exact", "topk", "none"], default="exact",
+                   help="distil from the teacher checkpoints' log-probs, computed once per teacher into "
+                        "OUT/TASK/teacher_cache (teacher_cache.py), or 'none': every run forwards its teacher")
+    p.add_argument("--top-k", type=int, default=teacher_cache.DEFAULT_K, help="k of --teacher-cache topk")
+    p.add_argument("--cache-precision", choices=sorted(teacher_cache.PRECISIONS), default="fp32",
+                   help="on-disk dtype of the cached log-probs; fp32 distils as the teacher model would, to fp "
+                        "rounding (cpu preset on NCBI: 553 MiB per checkpoint; fp16 halves it)")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -511,7 +520,9 @@ def main(argv=None):
                         "--overwrite to heal the default student, or pass --no-heal to use this one as it is")
     check_settings(root, {"task": args.task, "data": args.data, "metric": args.metric, "preset": args.preset,
                           "test_size": test_size, "lr_grid": args.lr_grid, "sft_lr_grid": args.sft_lr_grid,
-                          "teacher_checkpoints": args.teacher_checkpoints,
+                          "teacher_checkpoints": args.teacher_checkpoints, "teacher_cache": args.teacher_cache,
+                          "top_k": args.top_k if args.teacher_cache == "topk" else None,
+                          "cache_precision": args.cache_precision,
                           "models": {"teacher": model_fingerprint(models / "teacher"),
                                      "student": model_fingerprint(student_dir)}})
     task_flags = ["--task", args.task, *(["--data", args.data] if args.data else []),
@@ -541,6 +552,22 @@ def main(argv=None):
         results["n_test"] = m["n"]
         eval_files[key] = [evals / f"{key}.json"]
 
+    cache_flags = []
+    if args.teacher_cache != "none":  # once per teacher; every variant and seed reads it
+        cache_dir = root / "teacher_cache"
+        probe_size = QUICK_PROBE[QUICK_PROBE.index("--probe-size") + 1] if args.quick else "32"
+        build = [teacher_cache.main, ["--teacher", str(teacher_run), "--out", str(cache_dir), "--tokenizer",
+                                      str(models / "student"), "--form", args.teacher_cache, "--top-k",
+                                      str(args.top_k), "--precision", args.cache_precision, "--seeds",
+                                      ",".join(map(str, seeds)), "--probe-size", probe_size, *task_flags,
+                                      "--train-size", str(sizes["train_size"]), "--max-len", str(sizes["max_len"]),
+                                      "--dtype", args.dtype, "--device", str(device)]]
+        if "teacher cache" in timer.times and (cache_dir / teacher_cache.MANIFEST).exists():
+            build[0](build[1])  # checks the cache; writes only what a changed teacher needs, so it keeps its time
+        else:
+            timer.run("teacher cache", *build)
+        cache_flags = ["--teacher-cache", str(cache_dir)]
+
     sides, split, lr_search = {}, None, {}
     for seed in seeds:
         s_common = [*common, "--seed", str(seed)]
@@ -566,6 +593,7 @@ def main(argv=None):
                                                          "--train-size", str(sizes["train_size"]),
                                                          "--max-len", str(sizes["max_len"]),
                                                          "--dtype", args.dtype, "--device", str(device)])
+
         def run_distill(variant: str, out: Path, name: str, *extra: str, split: str = "test",
                         size: int = test_size) -> dict:
             """One distill.py run (skipped when complete, resumed when interrupted); its final eval metrics."""
@@ -576,7 +604,7 @@ def main(argv=None):
                     *distill_flags(variant, args, root, aw_dir, student_run), "--teacher", str(teacher_run),
                     "--init", str(student_final if variant.endswith("_from_sft") else models / "student"),
                     "--variant", variant, "--out", str(out), "--eval-split", split, "--eval-size", str(size),
-                    *s_common, *(QUICK_DISTILL if args.quick else []), *extra, *flags])
+                    *cache_flags, *s_common, *(QUICK_DISTILL if args.quick else []), *extra, *flags])
             return read_json(out / "final" / f"eval_{args.task}_{split}.json")
 
         if seed == seeds[0]:  # the paper's learning-rate search: on TD, by validation score, shared by all methods

@@ -236,12 +236,18 @@ def answer_hidden(model, batch):
 
     Returns h (N, D), labels (N,), sample_idx (N,): N answer tokens over the batch; position t predicts token t+1.
     """
-    ids, labels = batch["input_ids"], batch["labels"]
-    h = model.hidden(ids, batch["attention_mask"])[:, :-1]  # (B, T-1, D)
+    h = model.hidden(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1, D)
+    sel, labels, rows = answer_positions(batch["labels"])
+    return h[sel], labels, rows
+
+
+def answer_positions(labels: torch.Tensor):
+    """Which of the (B, T-1) positions predict an answer token, and their labels (N,) and batch rows (N,), in
+    row-major order: sample by sample, positions in order (the order of every (N, ...) answer-position tensor)."""
     target = labels[:, 1:]  # (B, T-1)
     sel = target != -100
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(target)
-    return h[sel], target[sel], rows[sel]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(target)
+    return sel, target[sel], rows[sel]
 
 
 def answer_logits(model, batch):

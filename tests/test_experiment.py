@@ -20,7 +20,8 @@ def test_quick_experiment_report(tmp_path, models_dir):
     for key in rows:  # one real score per row (one seed), a fraction
         assert len(res["main"][key]) == 1 and all(0.0 <= v <= 1.0 for v in res["main"][key]), key
     assert res["n_test"] == experiment.PRESETS["quick"]["test_size"]
-    for stage in ["teacher SFT", "student SFT s0", "weights s0", *(f"distill {v} s0" for v in variants)]:
+    for stage in ["teacher SFT", "teacher cache", "student SFT s0", "weights s0",
+                  *(f"distill {v} s0" for v in variants)]:
         assert res["timings"][stage] > 0, stage
     for key in rows[1:]:  # the SFS/TFS losses are real cross-entropies: finite, positive
         assert all(math.isfinite(v) and v > 0 for v in res["sides"][key].values()), key
@@ -35,6 +36,11 @@ def test_quick_experiment_report(tmp_path, models_dir):
         assert (root / f"{v}_s0" / "final" / "model.safetensors").exists()
         rows = [json.loads(s) for s in (root / f"{v}_s0" / "schedule.jsonl").read_text().splitlines()]
         assert [r["stage"] for r in rows] == [0, 1]
+    # every distillation read the teacher cache, built once: no run forwarded a teacher for its probe
+    for v in variants:
+        assert json.loads((root / f"{v}_s0" / "config.json").read_text())["teacher_cache"] == str(
+            root / "teacher_cache")
+    assert not (root / "probe_cache").exists()
     # a second invocation reuses every stage: nothing is retrained
     before = json.loads((root / "timings.json").read_text())
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir)])
