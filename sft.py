@@ -465,6 +465,22 @@ def read_checkpoint_index(run_dir) -> dict:
     return {"steps": steps, "best": best, "final": final, "metric": "val_loss"}
 
 
+def checkpoint_steps(run_dir, spec: str, flag: str = "--steps") -> list[int]:
+    """The checkpoint steps a `--steps` value names: 'all', or comma-separated 'best', 'final' and step numbers."""
+    index = read_checkpoint_index(run_dir)
+    if spec == "all":
+        return index["steps"]
+    named = {"best": index["best"], "final": index["final"] if index["final"] is not None else index["steps"][-1]}
+    try:
+        steps = sorted({named[s] if s in named else int(s) for s in spec.split(",")})
+    except ValueError:
+        raise UserError(f"{flag} {spec!r}: expected 'all', 'best', 'final' or step numbers") from None
+    missing = [s for s in steps if s not in index["steps"]]
+    if missing:
+        raise UserError(f"{flag}: {run_dir} has no checkpoint step {missing[0]} (has {index['steps']})")
+    return steps
+
+
 def write_checkpoint_index(run_dir, final: int | None = None, extra: dict | None = None):
     """checkpoints.json from the complete checkpoint dirs; `extra` (how the footsteps were placed) is a record for
     the reader only."""

@@ -313,17 +313,7 @@ def main(argv=None):
     checkpoints = sft.list_checkpoints(args.teacher)
     if not checkpoints:
         raise UserError(f"{args.teacher}: no complete checkpoints (step_XXXXXX/ with meta.json); run sft.py first")
-    steps = None
-    if args.steps != "all":
-        index = sft.read_checkpoint_index(args.teacher)
-        named = {"best": index["best"], "final": index["final"] if index["final"] is not None else index["steps"][-1]}
-        try:
-            steps = sorted({named[s] if s in named else int(s) for s in args.steps.split(",")})
-        except ValueError:
-            raise UserError(f"--steps {args.steps!r}: expected 'all', 'best', 'final' or step numbers") from None
-        missing = [s for s in steps if s not in index["steps"]]
-        if missing:
-            raise UserError(f"--steps: {args.teacher} has no checkpoint step {missing[0]} (has {index['steps']})")
+    steps = None if args.steps == "all" else sft.checkpoint_steps(args.teacher, args.steps)
     tok_dir = Path(args.tokenizer or checkpoints[0][1])
     schedule.check_same_vocab({f"--tokenizer {tok_dir}": tok_dir,
                                **{f"--teacher {p_}": p_ for _, p_ in checkpoints}})

@@ -214,17 +214,7 @@ def main(argv=None):
     device = sft.resolve_scoring_args(args)
 
     index = sft.read_checkpoint_index(args.teacher)
-    if args.steps == "all":
-        steps = index["steps"]
-    else:
-        named = {"best": index["best"], "final": index["final"] if index["final"] is not None else index["steps"][-1]}
-        try:
-            steps = sorted({named[s] if s in named else int(s) for s in args.steps.split(",")})
-        except ValueError:
-            raise UserError(f"--steps {args.steps!r}: expected 'all', 'best', 'final' or step numbers") from None
-        missing = [s for s in steps if s not in index["steps"]]
-        if missing:
-            raise UserError(f"--steps: {args.teacher} has no checkpoint step {missing[0]} (has {index['steps']})")
+    steps = sft.checkpoint_steps(args.teacher, args.steps)
     student_dir = student_sft_checkpoint(args.student_sft)
     tok = data.load_tokenizer(student_dir)
     _, items = sft.load_split(tok, args, "train", args.train_size)

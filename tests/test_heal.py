@@ -3,7 +3,6 @@ states against transformers, the healing loss against a float64 recomputation, a
 
 import json
 import math
-import shutil
 
 import pytest
 import torch

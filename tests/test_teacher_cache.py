@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import ROOT, make_tiny_model
+from conftest import ROOT, TEACHER_STEPS, make_teacher_runs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -20,24 +19,12 @@ import sft
 import teacher_cache
 from model import UserError, load_model
 
-TEACHER_STEPS = (2, 4, 6)
 SIZES = ["--train-size", "8", "--max-len", "96"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer_dir):
-    """A tiny teacher run with three checkpoints (best = 4, final = 6), a student SFT run, a base student."""
-    root = tmp_path_factory.mktemp("runs")
-    tok = data.load_tokenizer(tokenizer_dir)
-    for k, step in enumerate(TEACHER_STEPS):
-        model = load_model(make_tiny_model(root / f"t{k}", tokenizer_dir, dim=32, seed=10 + k))
-        sft.save_checkpoint(root / "teacher", step, model, tok, {"step": step, "val_loss": [3.0, 2.0, 2.5][k]})
-    sft.write_checkpoint_index(root / "teacher", final=TEACHER_STEPS[-1])
-    init = make_tiny_model(root / "init", tokenizer_dir, n_layers=1, dim=16, seed=1)
-    sft.save_checkpoint(root / "student", 3, load_model(make_tiny_model(root / "s", tokenizer_dir, n_layers=1,
-                                                                        dim=16, seed=2)), tok, {"step": 3})
-    sft.write_checkpoint_index(root / "student", final=3)
-    return root, init
+    return make_teacher_runs(tmp_path_factory.mktemp("runs"), tokenizer_dir)
 
 
 def argv(runs, out, *extra):
