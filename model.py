@@ -10,6 +10,7 @@ the atomic file/dir writers (a crash never leaves a half-written file that looks
 fingerprint of a model dir that every cache and resume check keys on (`model_fingerprint`).
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -395,21 +396,17 @@ def file_sha256(path) -> str:
     stamp = {"path": str(real), "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     big = st.st_size >= SHA256_RECORD_BYTES
     record = SHA256_CACHE / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
-    try:
+    with contextlib.suppress(OSError, ValueError):  # no record yet, or a torn one: hash the file
         saved = json.loads(record.read_text()) if big else {}
         if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
             return saved["sha256"]
-    except (OSError, ValueError):
-        pass
     h = hashlib.sha256()
     with open(real, "rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
     if big:
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache dir only costs hashing again next time
             atomic_write_text(record, json.dumps({**stamp, "sha256": h.hexdigest()}) + "\n")
-        except OSError:
-            pass
     return h.hexdigest()
 
 
