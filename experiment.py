@@ -439,8 +439,8 @@ def main(argv=None):
                                                    "('' = the default lr, no search; default: the preset's)")
     p.add_argument("--sft-lr-grid", default=None, help="the same for the variants started from the SFT student")
     p.add_argument("--stage-sides", action="store_true",
-                   help="log every variant's SFS/TFS loss after each stage (distill.py --sides; one forward over "
-                        "the training examples per stage) and plot it per variant")
+                   help="log every variant's SFS/TFS loss after each stage on the first seed, the one analysed "
+                        "(distill.py --sides; one forward over the training examples per stage) and plot it")
     p.add_argument("--teacher-checkpoints", type=int, default=None,
                    help="checkpoints the teacher SFT saves (sft.py --checkpoints; default its 10); 20 lets the "
                         "scd_aw_c3..c20 variants all be subsets of one teacher run")
@@ -619,7 +619,7 @@ def main(argv=None):
         for variant in args.variants:
             start = "sft" if variant.endswith("_from_sft") else "base"
             lr = ["--lr", lr_search[start]["chosen"]] if start in lr_search else []
-            sides_flag = ["--sides", str(aw_dir / "sfs_tfs.json")] if args.stage_sides else []
+            sides_flag = ["--sides", str(aw_dir / "sfs_tfs.json")] if args.stage_sides and seed == seeds[0] else []
             m = run_distill(variant, root / f"{variant}_s{seed}", f"distill {variant} s{seed}", *lr, *sides_flag)
             results["main"][variant].append(m["main"])
             eval_files[variant].append(root / f"{variant}_s{seed}" / "final" / f"eval_{args.task}_test.json")
