@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from model import UserError, read_json
+from runtime import UserError, read_json
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
 SPLITS = ("train", "val", "test")

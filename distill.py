@@ -18,6 +18,11 @@ Beyond the paper, each off by default (issue #16): --candidates N walks N of the
 the student's own loss at each stage start (stage_anchor), and --sides logs the student's loss on the SFS and TFS
 examples after every stage.
 
+Under `torchrun --nproc_per_node N` (runtime.py) the student is sharded with FSDP2, each teacher checkpoint is
+sharded too (--teacher-sharding shard) or copied whole to every rank (replicate), and every rank follows rank 0's
+SCD choice; the loss is divided by the answer tokens of the global batch, so the run is the one-process run with
+N times the batch. The resume state is sharded by rank (torch.distributed.checkpoint).
+
 Divergences take answer-position logits (N, V) of the student and the teacher and return one value per token (N,),
 so the caller can weight each sample. They work in fp32 log-space: probabilities only ever multiply a difference of
 log_softmax outputs, and a zero probability contributes 0, so there is no 0 * log 0, even for -inf logits. `chunked`
@@ -40,11 +45,13 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import runtime
 import schedule
 import sft
 import teacher_cache
 import weights
-from model import UserError, load_model, model_fingerprint, read_json, run_cli
+from model import load_model, model_fingerprint
+from runtime import UserError, read_json, run_cli
 
 # lr and epochs as the student's SFT: the same data budget for every row of the comparison
 DEFAULTS = {k: sft.ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
@@ -257,7 +264,7 @@ def student_sft_lookup(args, items: list[dict], tok, student_sft: Path, out: Pat
     key = weights.table_key(args.task, args.max_len, args.dtype, device, tok.files, student_sft)
     own = out / "aw_losses.safetensors"
     losses, why = student_losses_for(items, [args.aw_table, own], key)
-    if losses is None:
+    if losses is None and runtime.is_main():  # under torchrun rank 0 scores, the others read its table
         print(f"--aw-table {args.aw_table} does not match this run ({'; '.join(why)}): "
               f"scoring the SFT student {student_sft}")
         model = load_model(student_sft, device=device)
@@ -266,6 +273,9 @@ def student_sft_lookup(args, items: list[dict], tok, student_sft: Path, out: Pat
         del model
         weights.save_losses(own, [it["id"] for it in items], {weights.STUDENT: losses},
                             {**key, "item_digests": [weights.item_digest(it) for it in items]})
+    runtime.barrier()
+    if losses is None:
+        losses, _ = student_losses_for(items, [own], key)
     by_id = dict(zip((it["id"] for it in items), losses.tolist()))
     return lambda ids: torch.tensor([by_id[i] for i in ids])
 
@@ -277,7 +287,7 @@ def teacher_targets(teacher, batch: dict, device, dtype: str, gold_ce: bool):
     if isinstance(teacher, teacher_cache.CachedTeacher):
         target, gold_logp = teacher.targets(batch, device)
         return target, -gold_logp
-    with sft.autocast(device, dtype):
+    with runtime.autocast(device, dtype):
         logits, labels, _ = sft.answer_logits(teacher, batch)  # (N, V), (N,)
     if not gold_ce:
         return logits, None
@@ -293,22 +303,27 @@ def distill_step(student, teacher, micro_batches, loss_student_sft, args, device
     teacher is the teacher model or its cached values (teacher_cache.CachedTeacher: the same numbers, no forward).
     loss_student_sft maps example ids to L_stuSFT ((B,) tensor), or is None without AW.
     """
-    n_tokens = sum(sft.n_answer_tokens(b) for b in micro_batches)  # global count: accumulation-invariant
+    # the answer tokens of the whole step, over micro-batches and ranks: accumulation- and rank-invariant
+    n_tokens = runtime.sum_int(sum(sft.n_answer_tokens(b) for b in micro_batches))
     params = {"jsd": {"beta": args.beta}, "skew_fkl": {"lam": args.lam}, "skew_rkl": {"lam": args.lam}}
     sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "w": 0.0}
     n_samples = 0
     for batch in micro_batches:
         batch = sft.to_device(batch, device)
+        if not batch["ids"]:  # this rank's empty share of a short last batch (sft.rank_batch): FSDP still needs
+            with sft.autocast(device, args.dtype):  # its forward and backward; no answer tokens, so it adds 0
+                (sft.sft_loss_sum(student, batch) * 0).backward()
+            continue
         B = batch["input_ids"].shape[0]
         target, ce_teacher = teacher_targets(teacher, batch, device, args.dtype, loss_student_sft is not None)
-        with sft.autocast(device, args.dtype):
+        with runtime.autocast(device, args.dtype):
             h, labels, rows = sft.answer_hidden(student, batch)  # (N, D)
         if loss_student_sft is None:
             w = torch.full((B,), args.alpha, device=device)
         else:
             w = weights.aw_weight(loss_student_sft(batch["ids"]).to(device),
                                   weights.sample_mean(ce_teacher, rows, B))  # (B,)
-        with sft.autocast(device, args.dtype):
+        with runtime.autocast(device, args.dtype):
             kd, ce = token_losses(h, student.lm_logits, target, labels, args.loss, args.temperature,
                                   **params.get(args.loss, {}))
             loss = objective_sum(kd, ce, w[rows]) / max(n_tokens, 1)
@@ -318,31 +333,29 @@ def distill_step(student, teacher, micro_batches, loss_student_sft, args, device
         sums["ce"] += float(ce.detach().sum()) / max(n_tokens, 1)
         sums["w"] += float(w.sum())
         n_samples += B
-    sums["w"] /= max(n_samples, 1)
-    sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+    sums = {k: runtime.sum_float(v) for k, v in sums.items()}  # each rank's share of the global means
+    sums["w"] /= max(runtime.sum_int(n_samples), 1)
+    sums["grad_norm"] = runtime.grad_norm_value(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
     return sums
 
 # -----------------------------------------------------------------------------
 # run directory: stage exports and resume state
 
 
-def export_model(out: Path, name: str, step: int, model, tok, meta: dict) -> Path:
+def export_model(out: Path, name: str, step: int, model, tok, meta: dict, max_shard_gb: float) -> Path:
     """out/<name>/ in HF layout, written whole or not at all (it replaces a copy left by an interrupted run)."""
-    return sft.save_checkpoint(out, step, model, tok, meta, name=name)
+    return sft.save_checkpoint(out, step, model, tok, meta, name=name, max_shard_bytes=int(max_shard_gb * 2**30))
 
 
 def save_resume_state(out: Path, step: int, model, tok, meta: dict, progress: dict, optimizer=None):
     """out/resume/step_XXXXXX/ with the student, optimizer (mid-stage only), RNG and loop position; the older
     states go once the new one is complete, so a kill at any moment leaves one to resume from."""
-    tensors, info = sft.rng_state(), dict(progress)
-    if optimizer is not None:
-        opt_tensors, opt_json = sft.optimizer_tensors(optimizer)
-        tensors.update(opt_tensors)
-        info.update(opt_json)
-    sft.save_checkpoint(out / "resume", step, model, tok, meta, {"tensors": tensors, "json": info})
-    for s, path in sft.list_checkpoints(out / "resume"):
-        if s < step:
-            shutil.rmtree(path)
+    sft.save_checkpoint(out / "resume", step, model, tok, meta, train_state=progress, optimizer=optimizer)
+    if runtime.is_main():
+        for s, path in sft.list_checkpoints(out / "resume"):
+            if s < step:
+                shutil.rmtree(path)
+    runtime.barrier()
 
 
 def check_inputs(args, checkpoints: dict) -> Path | None:
@@ -383,14 +396,14 @@ def stage_anchor(out: Path, stage: int, student, items: list[dict], tok, args, d
     L_stuSFT. Scored once per stage and kept in out/aw_anchor/stage_XX.safetensors, so a resumed stage reads the
     very values it used (the file of stage s + 1 is written at the end of stage s, from the same weights)."""
     path = out / "aw_anchor" / f"stage_{stage:02d}.safetensors"
-    if path.exists():
+    if runtime.broadcast_object(path.exists()):  # one decision for all ranks: scoring runs the sharded student
         ids, columns, _ = weights.load_losses(path)
         losses = columns["anchor"]
     else:
         losses = weights.sample_losses(student, items, tok.pad_id, args.eval_batch_size, device, args.dtype,
                                        f"AW anchor, stage {stage}")
         ids = [it["id"] for it in items]
-        weights.save_losses(path, ids, {"anchor": losses}, {"stage": stage})
+        runtime.main_first(weights.save_losses, path, ids, {"anchor": losses}, {"stage": stage})
     by_id = dict(zip(ids, losses.tolist()))
     return lambda batch_ids: torch.tensor([by_id[i] for i in batch_ids])
 
@@ -422,7 +435,7 @@ def side_means(losses: torch.Tensor, items: list[dict], sides: dict[str, list[st
 
 
 def unused_flags(args) -> dict[str, str]:
-    """The flags this run would ignore, each with what to do instead (sft.refuse_unused refuses those given)."""
+    """The flags this run would ignore, each with what to do instead (runtime.refuse_unused refuses those given)."""
     unused = {}
     if args.aw:
         unused["alpha"] = "AW sets each sample's weight; --alpha is the fixed weight of --no-aw"
@@ -447,6 +460,8 @@ def unused_flags(args) -> dict[str, str]:
         unused.update(metric_balance=why, metric2_weight=why, forward_only=why)
     elif args.metric_balance != "weight":
         unused["metric2_weight"] = f"is the w of --metric-balance weight, not of --metric-balance {args.metric_balance}"
+    if args.teacher_cache:
+        unused["teacher_sharding"] = "places the teacher model on the ranks; --teacher-cache loads no teacher"
     if args.loss != "jsd":
         unused["beta"] = f"is the β of --loss jsd; --loss {args.loss} has none"
     if args.loss not in ("skew_fkl", "skew_rkl"):
@@ -483,6 +498,10 @@ def main(argv=None):
     p.add_argument("--probe-size", type=int, default=32, help="training examples in SCD's probe set")
     p.add_argument("--probe-cache", default="runs/probe_cache",
                    help="dir of the teacher checkpoints' probe log-probs, shared by runs (keyed by content)")
+    p.add_argument("--teacher-sharding", choices=["shard", "replicate"], default="shard",
+                   help="under torchrun: shard each teacher checkpoint over the ranks like the student (FSDP2, 1/N "
+                        "of it per rank plus one layer at a time in its forward) or keep a whole copy on every rank "
+                        "(no communication; needs the memory). One process: ignored")
     p.add_argument("--teacher-cache", default=None,
                    help="dir from teacher_cache.py: KD, AW and SCD's probe read the teacher checkpoints' cached "
                         "log-probs and no teacher model is loaded (refused if not made for this run's data, "
@@ -522,7 +541,7 @@ def main(argv=None):
                    help="generation cap of the final evaluation (0 = the task's own)")
     sft.add_common_args(p)
     args = p.parse_args(argv)
-    sft.refuse_unused(sft.given_flags(p, argv), unused_flags(args))
+    runtime.refuse_unused(runtime.given_flags(p, argv), unused_flags(args))
     sft.resolve_args(args, DEFAULTS)
     args.variant = args.variant or variant_name(args)
     args.out = args.out or f"runs/distill/{args.variant}"
@@ -539,8 +558,10 @@ def main(argv=None):
 
 def distill(args) -> Path:
     """The staged loop, top to bottom. Returns out/final."""
-    device = sft.resolve_device(args.device)
-    args.dtype = sft.resolve_dtype(args.dtype, device)
+    device = runtime.resolve_device(args.device)
+    runtime.init_distributed(device)  # torchrun: one process per rank; without it, nothing
+    args.dtype = runtime.resolve_dtype(args.dtype, device)
+    world = runtime.world()
     index = sft.read_checkpoint_index(args.teacher)  # refuses a run dir without complete checkpoints
     index, checkpoints = candidate_checkpoints(args, index, dict(sft.list_checkpoints(args.teacher)))
     n_usable = 1 if args.schedule == "td" else len(index["steps"])
@@ -548,7 +569,7 @@ def distill(args) -> Path:
         raise UserError(f"--stages {args.stages} with --distinct: {args.schedule.upper()} has {n_usable} teacher "
                         f"checkpoint(s) in {args.teacher} and none may serve two stages")
     student_sft = check_inputs(args, checkpoints)
-    sft.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     tok = data.load_tokenizer(args.init)
     train_examples, train_items = sft.load_split(tok, args, "train", args.train_size)
     _, val_items = sft.load_split(tok, args, "val", args.val_size)
@@ -568,10 +589,12 @@ def distill(args) -> Path:
               "init": model_fingerprint(args.init), "teacher": {str(s): model_fingerprint(p) for s, p in
                                                                 checkpoints.items()},
               "student_sft": model_fingerprint(student_sft) if student_sft else None}
-    config = {**vars(args), "device": str(device), "inputs": inputs}
+    config = {**vars(args), "device": str(device), "world": world, "inputs": inputs}
     # only once all inputs are good; --save-every places resume states only, the run is bit-identical without
-    out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite, sft.RESUME_FREE + ("save_every",))
-    steps_per_epoch = len(sft.build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
+    out = runtime.main_first(sft.prepare_out_dir, args.out, config, args.resume, args.overwrite,
+                             sft.RESUME_FREE + ("save_every",))
+    global_batch = args.batch_size * world  # --batch-size is per rank
+    steps_per_epoch = len(sft.build_batches(train_items, global_batch, args.grad_accum, args.seed, 0))
     total = math.ceil(args.epochs * steps_per_epoch)
     if args.max_steps:
         total = min(total, args.max_steps)
@@ -587,68 +610,78 @@ def distill(args) -> Path:
         cache = cached.probe(probe)
     elif args.schedule == "scd":
         cache = schedule.ProbeCache(args.probe_cache, probe, list(checkpoints.items()), args.dtype, device, tok.files)
-        cache.build(tok.pad_id, args.eval_batch_size)
+        runtime.main_first(cache.build, tok.pad_id, args.eval_batch_size)  # rank 0 scores, every rank reads
 
-    stage, k, chosen, tokens_seen, state = 0, 0, None, 0, None
+    stage, k, chosen, tokens_seen, resume_from = 0, 0, None, 0, None
     teacher, teacher_step = None, None
     log, sched_log = sft.MetricsLog(out / "metrics.jsonl"), sft.MetricsLog(out / "schedule.jsonl")
     if args.resume:
         found = sft.latest_resumable(out / "resume")
         if found is None:
             raise UserError(f"--resume: {out} has no complete resume state yet; start over with --overwrite")
-        path = found[1]
-        student = load_model(path, device=device)
-        state, progress = sft.read_train_state(path)
-        sft.restore_rng(state)
+        resume_from = found[1]
+        student = load_model(resume_from, device=device)
+        progress = read_json(resume_from / sft.STATE_FILES[1])
         stage, k, chosen, tokens_seen = (progress[x] for x in ("stage", "k", "chosen", "tokens_seen"))
-        state = (state, progress) if k > 0 else None
         g = stage * stage_steps + k
         log.truncate_after(g)
         sched_log.truncate_after(g if chosen is not None else g - 1)
-        print(f"resuming from {path}: stage {stage}, step {g} of {n_steps}")
+        runtime.print0(f"resuming from {resume_from}: stage {stage}, step {g} of {n_steps}")
     else:
         student = load_model(args.init, device=device)
+    student.set_activation_checkpointing(args.activation_checkpointing)
+    student = runtime.shard(student, device)
+    if resume_from is not None and k == 0:  # a stage boundary: weights and RNG, the next stage's optimiser is new
+        sft.load_resume_state(resume_from, student)
+        resume_from = None
     scheduler = schedule.Scheduler(args.schedule, index, args.stages, cache, final=args.td_ckpt == "final",
                                    distinct=args.distinct, used=used_checkpoints(out / "schedule.jsonl"),
                                    balance=args.metric_balance, metric2_weight=args.metric2_weight,
                                    forward_only=args.forward_only)
 
-    print(f"distill {args.variant}: {args.schedule.upper()}{' + AW' if args.aw else f', alpha {args.alpha}'}, "
-          f"{args.loss} at T={args.temperature}; {len(index['steps'])} teacher checkpoints (best {index['best']}"
-          f"{', from the cache ' + cached.describe() if cached is not None else ''}), "
-          f"{args.stages} stages x {stage_steps} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x"
-          f"{args.grad_accum}), {len(train_items)} train examples, {student.num_params() / 1e6:.1f}M-param student "
-          f"on {device} -> {out}")
-    bar = tqdm(total=n_steps, initial=stage * stage_steps + k, desc=f"distill {args.variant}", dynamic_ncols=True)
+    runtime.print0(f"distill {args.variant}: {args.schedule.upper()}"
+                   f"{' + AW' if args.aw else f', alpha {args.alpha}'}, {args.loss} at T={args.temperature}; "
+                   f"{len(index['steps'])} teacher checkpoints (best {index['best']}"
+                   f"{', from the cache ' + cached.describe() if cached is not None else ''}), "
+                   f"{args.stages} stages x {stage_steps} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x"
+                   f"{args.grad_accum}{f'x{world} ranks' if world > 1 else ''}), {len(train_items)} train examples, "
+                   f"{student.num_params() / 1e6:.1f}M-param student on {device} -> {out}")
+    bar = tqdm(total=n_steps, initial=stage * stage_steps + k, desc=f"distill {args.variant}", dynamic_ncols=True,
+               disable=not runtime.is_main())
     while stage < args.stages:
         g = stage * stage_steps + k
         if chosen is None:
             chosen, record = scheduler.select(stage, g, lambda: schedule.probe_logprobs(
                 student, probe, tok.pad_id, args.eval_batch_size, device, args.dtype))
+            chosen, record = runtime.broadcast_object((chosen, record))  # every rank follows rank 0's choice
             sched_log.log(record)
-            tqdm.write(f"stage {stage}: teacher checkpoint {chosen}")
+            runtime.print0(f"stage {stage}: teacher checkpoint {chosen}")
         if args.aw and args.aw_anchor == "current" and anchor_stage != stage:
             loss_student_sft, anchor_stage = stage_anchor(out, stage, student, train_items, tok, args, device), stage
         if chosen != teacher_step:  # only one teacher checkpoint in memory at a time: drop the old one first
             teacher = None
-            teacher = cached.checkpoint(chosen) if cached is not None else \
-                load_model(checkpoints[chosen], device=device).requires_grad_(False).eval()
+            if cached is not None:
+                teacher = cached.checkpoint(chosen)
+            else:
+                teacher = load_model(checkpoints[chosen], device=device).requires_grad_(False).eval()
+                if args.teacher_sharding == "shard":  # 1/N of it per rank, one layer gathered at a time
+                    teacher = runtime.shard(teacher, device, train=False)
             teacher_step = chosen
         optimizer = sft.make_optimizer(student, args.lr, args.weight_decay)  # fresh at every stage
-        if state is not None:
-            sft.load_optimizer_tensors(optimizer, *state)
-            state = None
+        if resume_from is not None:  # mid-stage: the optimiser's state too
+            sft.load_resume_state(resume_from, student, optimizer)
+            resume_from = None
         student.train()
         t_log, tok_log = time.perf_counter(), 0
         while k < stage_steps:
             epoch, j = divmod(g, steps_per_epoch)
-            micro = [data.collate([train_items[i] for i in mb], tok.pad_id)
-                     for mb in sft.build_batches(train_items, args.batch_size, args.grad_accum, args.seed, epoch)[j]]
+            micro = [sft.rank_batch(train_items, mb, tok.pad_id)
+                     for mb in sft.build_batches(train_items, global_batch, args.grad_accum, args.seed, epoch)[j]]
             lr = sft.lr_at(k, stage_steps, warmup, args.lr)
             stats = distill_step(student, teacher, micro, loss_student_sft, args, device)
             sft.apply_update(optimizer, lr, g, stats["loss"], stats["grad_norm"])
             k, g = k + 1, g + 1
-            batch_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            batch_tokens = runtime.sum_int(sum(int(b["attention_mask"].sum()) for b in micro if b["ids"]))
             tokens_seen, tok_log = tokens_seen + batch_tokens, tok_log + batch_tokens
             bar.update(1)
             if g % args.log_every == 0 or k == stage_steps:
@@ -672,31 +705,34 @@ def distill(args) -> Path:
             if sides:
                 row.update(side_means(losses, train_items, sides))
             if args.aw and args.aw_anchor == "current" and stage + 1 < args.stages:
-                weights.save_losses(out / "aw_anchor" / f"stage_{stage + 1:02d}.safetensors",
-                                    [it["id"] for it in train_items], {"anchor": losses}, {"stage": stage + 1})
+                runtime.main_first(weights.save_losses, out / "aw_anchor" / f"stage_{stage + 1:02d}.safetensors",
+                                   [it["id"] for it in train_items], {"anchor": losses}, {"stage": stage + 1})
         log.log(row)
         meta = {"step": g, "stage": stage, "ckpt": chosen, "val_loss": val_loss, "variant": args.variant,
                 "config": config}
-        export_model(out, f"stage_{stage:02d}", g, student, tok, meta)
+        export_model(out, f"stage_{stage:02d}", g, student, tok, meta, args.max_shard_gb)
         stage, k, chosen = stage + 1, 0, None
         save_resume_state(out, g, student, tok, meta, {"stage": stage, "k": 0, "chosen": None,
                                                       "tokens_seen": tokens_seen})
-        tqdm.write(f"stage {stage - 1} done: val_loss {val_loss if val_loss is None else round(val_loss, 4)}"
-                   f" -> {out / f'stage_{stage - 1:02d}'}")
+        runtime.print0(f"stage {stage - 1} done: val_loss {val_loss if val_loss is None else round(val_loss, 4)}"
+                       f" -> {out / f'stage_{stage - 1:02d}'}")
     bar.close()
 
     final = export_model(out, "final", n_steps, student, tok, {"step": n_steps, "variant": args.variant,
-                                                               "config": config})
+                                                               "config": config}, args.max_shard_gb)
     files = (args.data or "").split(",") + [None] * 3
     data_file = files[{"val": 1, "test": 2}.get(args.eval_split, 0)] if args.task == "jsonl" else None
-    if args.eval_split != "none" and (args.task != "jsonl" or data_file):
+    if args.eval_split != "none" and (args.task != "jsonl" or data_file) and runtime.is_main():
+        # rank 0 scores the exported model alone (a full copy, inference only); the others wait at the barrier
         metrics = evaluate.evaluate_dir(final, args.task, args.eval_split, args.data_dir, data_file,
                                         args.eval_size, args.eval_batch_size, args.max_new_tokens or None, device,
                                         args.dtype, progress=False, metric=args.metric)
         log.log({"step": n_steps, "final_eval": True, **metrics})
         print(f"final {args.task} {args.eval_split}: {metrics['main']:.4f} (n={metrics['n']}) -> "
               f"{final / f'eval_{args.task}_{args.eval_split}.json'}")
-    print(f"done: {out}/stage_00..stage_{args.stages - 1:02d}, {final}; schedule in {out / 'schedule.jsonl'}")
+    runtime.barrier()
+    runtime.print0(f"done: {out}/stage_00..stage_{args.stages - 1:02d}, {final}; schedule in "
+                   f"{out / 'schedule.jsonl'}")
     return final
 
 

@@ -17,7 +17,9 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import KVCache, UserError, atomic_write_text, generate, left_pad, load_model, run_cli
+from model import KVCache, generate, left_pad, load_model
+from runtime import (UserError, atomic_write_text, autocast, given_flags, resolve_device, resolve_dtype,
+                     run_cli)
 
 @torch.no_grad()
 def label_logprobs(model, tok, examples, labels: list, batch_size: int, dtype: str = "fp32",
@@ -46,7 +48,7 @@ def label_logprobs(model, tok, examples, labels: list, batch_size: int, dtype: s
         B, T = ids.shape
         cache = KVCache(model.args, B, T + longest - 1, device, model.model.embed_tokens.weight.dtype) \
             if longest > 1 else None  # yes/no/maybe are one token each: no cache needed
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with autocast(device, dtype):
             h = model.hidden(ids, mask, cache=cache)[:, -1:]  # (B, 1, D), predicts each label's first token
         first = model.lm_logits(h).log_softmax(-1)  # (B, 1, V)
         next_pos = mask.sum(-1, keepdim=True)  # (B, 1) position of the first label token
@@ -59,7 +61,7 @@ def label_logprobs(model, tok, examples, labels: list, batch_size: int, dtype: s
             if L > 1:
                 cache.pos.fill_(T)  # every label overwrites the slots after the prompt
                 positions = next_pos + torch.arange(L - 1, device=device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                with autocast(device, dtype):
                     h = model.hidden(target[:, :-1], position_ids=positions, cache=cache)  # (B, L - 1, D)
                 logp = torch.cat([first, model.lm_logits(h).log_softmax(-1)], 1)  # (B, L, V)
             token_logp = logp.gather(-1, target[..., None]).squeeze(-1)  # (B, L)
@@ -82,7 +84,7 @@ def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int,
     answers = [""] * len(prompts)
     for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
         idx = order[i:i + batch_size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with autocast(device, dtype):
             outs = generate(model, [prompts[k] for k in idx], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                             lookahead=LOOKAHEAD)
         for k, out in zip(idx, outs):
@@ -163,7 +165,6 @@ def main(argv=None):
     if args.batch_size <= 0 or args.max_new_tokens < 0 or args.limit < 0:
         raise UserError("--batch-size must be positive, --max-new-tokens and --limit >= 0")
     data.check_task_flags(args.task, args.data, args.data_dir, args.metric)
-    from sft import given_flags, resolve_device, resolve_dtype
     data_file = None
     if args.task == "jsonl":
         files = args.data.split(",")

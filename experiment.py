@@ -47,10 +47,12 @@ import distill
 import evaluate
 import heal
 import prepare
+import runtime
 import sft
 import teacher_cache
 import weights
-from model import UserError, atomic_write_text, load_model, model_fingerprint, read_json, run_cli
+from model import load_model, model_fingerprint
+from runtime import UserError, atomic_write_text, read_json, run_cli
 
 VARIANTS = {  # name -> (label, distill.py flags)
     "td": ("TD", ["--schedule", "td", "--td-ckpt", "final", "--no-aw"]),
@@ -460,7 +462,7 @@ def main(argv=None):
         raise UserError("--teacher-checkpoints: --quick's teacher saves every 2 steps; drop one of them")
     if args.teacher_checkpoints is not None and args.teacher_checkpoints < 1:
         raise UserError(f"--teacher-checkpoints {args.teacher_checkpoints}: must be at least 1")
-    if args.quick and "preset" in sft.given_flags(p, argv):
+    if args.quick and "preset" in runtime.given_flags(p, argv):
         raise UserError(f"--preset {args.preset}: --quick sets every size itself; drop one of them")
     data.check_task_flags(args.task, args.data, args.data_dir, args.metric)  # now, not an hour in
     args.test_file, examples = None, []
@@ -482,8 +484,8 @@ def main(argv=None):
         except ValueError:
             raise UserError(f"--{key.replace('_', '-')} {grid!r}: expected comma-separated learning rates") from None
     sizes = QUICK_SIZES if args.quick else {k: sft.PRESETS[args.preset][k] for k in QUICK_SIZES}
-    device = sft.resolve_device(args.device)
-    args.dtype = "fp32" if args.quick else sft.resolve_dtype("auto", device)  # as sft.py's presets
+    device = runtime.resolve_device(args.device)
+    args.dtype = "fp32" if args.quick else runtime.resolve_dtype("auto", device)  # as sft.py's presets
     seeds = list(range(args.seeds))
     command = shlex.join(["python", "experiment.py", *(sys.argv[1:] if argv is None else argv)])
 

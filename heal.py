@@ -40,8 +40,10 @@ from tqdm import tqdm
 import data
 import distill
 import prepare
+import runtime
 import sft
-from model import UserError, atomic_dir, atomic_write_text, load_model, model_fingerprint, run_cli, save_model
+from model import load_model, model_fingerprint, save_model
+from runtime import UserError, atomic_dir, atomic_write_text, run_cli
 
 PRUNES = ("every_other", "angular", "block_influence")
 CORPUS = {"ncbi_disease": "training sentences", "bc5cdr": "training sentences",
@@ -137,10 +139,10 @@ def choose_layers(method: str, n_layers: int, n_keep: int,
 def heal_loss_sum(student, teacher, rows: torch.Tensor, device, dtype: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Σ over every position of KL(p_teacher ‖ p_student) (full vocabulary, T = 1) and of the student's next-token
     CE (for the log), and the position count. The caller divides by the global count."""
-    with torch.no_grad(), sft.autocast(device, dtype):
+    with torch.no_grad(), runtime.autocast(device, dtype):
         teacher_logits = teacher(rows).flatten(0, 1)  # (N, V) fp32
     labels = torch.cat([rows[:, 1:], torch.full_like(rows[:, :1], data.IGNORE)], 1).flatten()  # last: no next token
-    with sft.autocast(device, dtype):
+    with runtime.autocast(device, dtype):
         h = student.hidden(rows).flatten(0, 1)  # (N, D)
         kd, ce = distill.token_losses(h, student.lm_logits, teacher_logits, labels, "fkl")
     return kd.sum(), ce.sum(), rows.numel()
@@ -154,7 +156,7 @@ def perplexity(model, rows: torch.Tensor, batch_size: int, device, dtype: str) -
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         x = rows[i:i + batch_size].to(device)
-        with sft.autocast(device, dtype):
+        with runtime.autocast(device, dtype):
             h = model.hidden(x)[:, :-1].flatten(0, 1)
             ce, = distill.chunked(lambda h, y: (distill.per_token_ce(model.lm_logits(h), y),), h,
                                   x[:, 1:].flatten(), rows=distill.chunk_rows(model.args.vocab_size))
@@ -186,13 +188,13 @@ def export(path: Path, student, tok, info: dict):
 
 
 def heal(args) -> Path:
-    device = sft.resolve_device(args.device)
-    args.dtype = sft.resolve_dtype(args.dtype, device)
+    device = runtime.resolve_device(args.device)
+    args.dtype = runtime.resolve_dtype(args.dtype, device)
     export_dir = Path(args.export) if args.export else None
     if export_dir and export_dir.exists() and not (export_dir / "heal.json").exists() and not args.overwrite:
         raise UserError(f"--export {export_dir}: exists and was not made by heal.py (no heal.json); move it away or "
                         "pass --overwrite to replace it")
-    sft.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     tok = data.load_tokenizer(args.teacher)
     texts = corpus_texts(args.data_dir)
     corpus = pack(texts, tok, args.seq_len)
@@ -208,7 +210,7 @@ def heal(args) -> Path:
     teacher = load_model(args.teacher, device=device).requires_grad_(False).eval()
     g = torch.Generator().manual_seed(args.seed)
     calib = corpus[torch.randperm(len(corpus), generator=g)[:args.calib_rows]].to(device)
-    with sft.autocast(device, args.dtype):
+    with runtime.autocast(device, args.dtype):
         states = layer_states(teacher, calib) if args.prune != "every_other" else None
     kept, scores = choose_layers(args.prune, teacher.args.n_layers, args.layers, states)
     del states
@@ -229,9 +231,7 @@ def heal(args) -> Path:
         step, path = found
         student = load_model(path, device=device)
         optimizer = sft.make_optimizer(student, args.lr, args.weight_decay)
-        tensors, info = sft.read_train_state(path)
-        sft.load_optimizer_tensors(optimizer, tensors, info)
-        sft.restore_rng(tensors)
+        info = sft.load_resume_state(path, student, optimizer)
         seconds, curve = info["seconds"], info["curve"]
         log.truncate_after(step)
         print(f"resuming from {path} (step {step} of {total})")
@@ -272,10 +272,8 @@ def heal(args) -> Path:
                 seconds = time.perf_counter() - t0  # the curve's time counts training and these evaluations
                 curve.append({"step": step, "tokens": row["tokens"], "seconds": round(seconds, 1), "perplexity": ppl})
                 log.log({"step": step, "eval": True, "perplexity": ppl, "seconds": seconds})
-                tensors, optim_json = sft.optimizer_tensors(optimizer)
                 sft.save_checkpoint(out, step, student, tok, {"step": step, "perplexity": ppl, "kept_layers": kept},
-                                    train_state={"tensors": {**tensors, **sft.rng_state()},
-                                                 "json": {**optim_json, "seconds": seconds, "curve": curve}})
+                                    train_state={"seconds": seconds, "curve": curve}, optimizer=optimizer)
                 for s, path in sft.list_checkpoints(out):  # only the newest is needed to resume: 4 bytes a parameter
                     if s < step:
                         shutil.rmtree(path)

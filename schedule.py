@@ -33,8 +33,10 @@ import torch
 from tqdm import tqdm
 
 import data
+import runtime
 import sft
-from model import UserError, files_fingerprint, load_model, model_fingerprint, read_json, run_cli
+from model import files_fingerprint, load_model, model_fingerprint
+from runtime import UserError, read_json, run_cli
 from weights import save_tensors
 
 SCHEDULES = ("scd", "cd", "td")
@@ -226,7 +228,7 @@ def probe_logprobs(model, items: list[dict], pad_id: int, batch_size: int, devic
     out = []
     for i in range(0, len(items), batch_size):
         batch = sft.to_device(data.collate(items[i:i + batch_size], pad_id), device)
-        with sft.autocast(device, dtype):
+        with runtime.autocast(device, dtype):
             logits, _, _ = sft.answer_logits(model, batch)  # (n, V)
         out.append(torch.log_softmax(logits.float(), -1).cpu())
     model.train(was_training)
@@ -319,10 +321,10 @@ def main(argv=None):
                    help="print only Metric 1 (and the val loss) per checkpoint of --teacher: no student needed")
     add_balance_args(p)
     sft.add_scoring_args(p)
-    argv_given = sft.given_flags(p, argv)
+    argv_given = runtime.given_flags(p, argv)
     args = p.parse_args(argv)
     if args.metric1_only:
-        sft.refuse_unused(argv_given, {k: "--metric1-only scores no student" for k in
+        runtime.refuse_unused(argv_given, {k: "--metric1-only scores no student" for k in
                                        ("student", "metric_balance", "metric2_weight")})
     check_balance_args(args, argv_given)
     device = sft.resolve_scoring_args(args)

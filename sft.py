@@ -13,6 +13,12 @@ loss's drop); --checkpoints sets how many.
 The loss is cross-entropy on answer tokens only, divided by the number of answer tokens in the whole accumulated
 batch, so `--grad-accum` does not change the gradient. The LM head runs only at answer positions.
 
+    torchrun --nproc_per_node 8 sft.py --role teacher ...   # data-parallel, FSDP2 (runtime.py)
+
+Under torchrun `--batch-size` is per rank and each global batch is dealt out to the ranks (rank_batch); the loss is
+still divided by the answer tokens of the whole global batch, so N ranks train as one process with N times the
+batch. Checkpoints stay Hugging Face dirs (written by rank 0); their resume state is sharded by rank.
+
 Also the training plumbing distill.py reuses: optimiser, lr schedule, answer-position logits, atomic checkpoints
 with resume state, metrics.jsonl, output-dir checks.
 """
@@ -21,19 +27,20 @@ import argparse
 import hashlib
 import json
 import math
-import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import UserError, atomic_dir, atomic_write_text, load_model, read_json, run_cli, save_model
+import evaluate
+import runtime
+from model import MAX_SHARD_BYTES, load_model, save_model
+from runtime import (UserError, atomic_write_text, autocast, given_flags, read_json, refuse_unused,
+                     resolve_device, resolve_dtype, run_cli, seed_everything)
 
 # role defaults for the CPU-sized default run (NCBI-disease); --preset gpu switches to the paper's sizes.
 # The pruned student learns more slowly than the teacher, so it gets a higher lr and more epochs.
@@ -49,7 +56,8 @@ PRESETS = {
 }
 SPACINGS = ("even", "geometric", "val_loss")  # where the teacher's footsteps are (the paper: even)
 CHECKPOINT_INDEX = "checkpoints.json"
-STATE_FILES = ("trainer_state.safetensors", "trainer_state.json")
+STATE_FILES = ("trainer_state.safetensors", "trainer_state.json")  # the resume state of one process
+DCP_DIR = "dcp"  # the resume state of a torchrun run: model and optimiser, sharded by rank
 
 # -----------------------------------------------------------------------------
 # command line shared with distill.py
@@ -73,7 +81,9 @@ def add_common_args(p: argparse.ArgumentParser):
     a("--lr", type=float, default=None, help="peak learning rate")
     a("--warmup", type=float, default=0.1, help="warmup as a fraction of all steps (paper: 0.1)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--batch-size", type=int, default=None, help="examples per micro-batch (paper: 8)")
+    a("--batch-size", type=int, default=None,
+      help="examples per micro-batch, per rank under torchrun: the global batch is batch x ranks x grad-accum "
+           "(paper: 8)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     a("--max-len", type=int, default=None, help="truncate examples to this many tokens (paper: 512)")
     a("--refuse-long", action="store_true", help="stop with an error on an example longer than --max-len "
@@ -86,6 +96,11 @@ def add_common_args(p: argparse.ArgumentParser):
     a("--log-every", type=int, default=5, help="optimiser steps between metrics.jsonl lines")
     a("--eval-batch-size", type=int, default=16, help="batch size for evaluation and generation")
     a("--eval-max-new-tokens", type=int, default=0, help="generation cap in validation (0 = the task's own)")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each decoder layer's activations in backward instead of storing them: less memory, about "
+           "one more forward of time (bench/scale.py measures both)")
+    a("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 2**30,
+      help="checkpoints above this size are written as several model-*-of-*.safetensors files with an index")
     a("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     a("--overwrite", action="store_true", help="delete what --out holds and start over")
 
@@ -142,63 +157,6 @@ def resolve_args(args, role_defaults: dict):
         raise UserError(f"--warmup is a fraction of the run in [0, 1), got {args.warmup}")
     return args
 
-
-def given_flags(p: argparse.ArgumentParser, argv=None) -> set[str]:
-    """The dests of the flags written on the command line, told apart from defaults: argparse fills a default only
-    where the namespace has no value yet, so a namespace pre-filled with a sentinel keeps it for every flag not
-    given."""
-    unset = object()
-    ns = argparse.Namespace(**{k: unset for k in vars(p.parse_args(argv))})
-    return {k for k, v in vars(p.parse_args(argv, namespace=ns)).items() if v is not unset}
-
-
-def refuse_unused(given: set[str], unused: dict[str, str]):
-    """One error line for the first flag given that this run would ignore. `unused` maps a dest to the reason."""
-    for dest, why in unused.items():
-        if dest in given:
-            raise UserError(f"--{dest.replace('_', '-')}: {why}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a torch device") from None
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run on real bf16 kernels here: CUDA cards that support it, and CPUs with AVX-512 or Arm
-    bf16, where oneDNN has them. On an AVX2-only CPU a bf16 matmul is emulated: 0.8 against 87 GFLOP/s in fp32
-    on one AMD EPYC, two cores."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private; absent means we cannot tell
-    return device.type == "cpu" and check is not None and bool(check())
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    """--dtype auto -> bf16 where the hardware has bf16 matmuls, else fp32. An explicit bf16 is kept, with a warning
-    where it will be slow."""
-    if name == "auto":
-        return "bf16" if fast_bf16(device) else "fp32"
-    if name == "bf16" and not fast_bf16(device):
-        print(f"warning: --dtype bf16 on {device}, which has no bf16 matmul kernels: expect it to be many times "
-              f"slower than fp32 (--dtype auto picks fp32 here)", file=sys.stderr)
-    return name
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 # -----------------------------------------------------------------------------
 # data
@@ -283,6 +241,8 @@ def eval_loss(model, items, pad_id, batch_size, device, dtype) -> float:
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0):
+    if runtime.is_sharded(model):  # a forward without backward leaves the FSDP root gathered: the optimiser must
+        model.reshard()             # hold the shards, which model.parameters() gives only once resharded
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -301,8 +261,11 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def train_step(model, micro_batches, device, dtype: str, clip: float = 1.0):
-    """One optimiser step over several micro-batches. Returns (token-mean loss, grad norm, answer tokens)."""
-    n_tokens = sum(n_answer_tokens(b) for b in micro_batches)  # global count: accumulation-invariant
+    """One optimiser step over several micro-batches. Returns (token-mean loss, grad norm, answer tokens).
+
+    The loss is divided by the answer tokens of the whole step on every rank (runtime.sum_int), and the ranks'
+    gradients are summed, so neither --grad-accum nor the number of ranks changes the gradient."""
+    n_tokens = runtime.sum_int(sum(n_answer_tokens(b) for b in micro_batches))  # global: accumulation-invariant
     total = 0.0
     for batch in micro_batches:
         batch = to_device(batch, device)
@@ -310,8 +273,8 @@ def train_step(model, micro_batches, device, dtype: str, clip: float = 1.0):
             loss = sft_loss_sum(model, batch) / max(n_tokens, 1)
         loss.backward()
         total += float(loss.detach())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    return total, grad_norm, n_tokens
+    grad_norm = runtime.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    return runtime.sum_float(total), grad_norm, n_tokens
 
 
 def apply_update(optimizer, lr: float, step: int, loss: float, grad_norm: float):
@@ -337,6 +300,8 @@ class MetricsLog:
         self.path = Path(path)
 
     def log(self, row: dict):
+        if not runtime.is_main():  # under torchrun every rank has the same global numbers; rank 0 writes them
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -346,7 +311,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int):
         """On resume, forget lines the interrupted run wrote after the checkpoint it resumes from."""
-        if self.path.exists():
+        if self.path.exists() and runtime.is_main():
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
@@ -363,7 +328,7 @@ class MetricsLog:
 # keys, which are compared), the no-grad scoring batch size (padding is masked: the same values up to rounding),
 # and the cache locations (their contents are keyed by what they depend on)
 RESUME_FREE = ("resume", "overwrite", "out", "log_every", "eval_batch_size", "device", "preset", "probe_cache",
-               "aw_table")
+               "aw_table", "activation_checkpointing", "max_shard_gb")
 
 
 def config_diff(old, new, name: str = "") -> tuple[str, object, object] | None:
@@ -511,40 +476,104 @@ def load_optimizer_tensors(optimizer, tensors: dict, info: dict):
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def save_checkpoint(run_dir, step: int, model, tok, meta: dict, train_state: dict | None = None,
-                    save_dtype=None, name: str | None = None) -> Path:
+def save_checkpoint(run_dir, step: int, model, tok, meta: dict, train_state: dict | None = None, optimizer=None,
+                    save_dtype=None, name: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write run_dir/step_XXXXXX/ (or run_dir/<name>/) atomically in HF layout, plus meta.json and (optionally)
-    the resume state.
+    the resume state. Under torchrun every rank calls it: rank 0 writes the model from the full state dict gathered
+    to its CPU, and each rank its shard of the resume state.
 
-    train_state = {"tensors": {name: tensor}, "json": {...}}; only the newest checkpoint keeps it.
+    train_state is the loop's JSON-able position ({"step", "tokens_seen", ...}); with it the dir also holds the RNG
+    state and `optimizer`'s state. One process: trainer_state.safetensors (flat tensors) + trainer_state.json. Under
+    torchrun: dcp/ (model and optimiser, sharded by rank, torch.distributed.checkpoint), rng_rank{r}.safetensors and
+    trainer_state.json. Only the newest checkpoint keeps a resume state.
     """
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     path = run_dir / (name or checkpoint_name(step))
-    with atomic_dir(path) as tmp:
-        save_model(model, tmp, dtype=save_dtype)
-        for f in tok.files:
-            shutil.copy2(f, tmp / Path(f).name)
-        if train_state is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in train_state["tensors"].items()},
-                      str(tmp / STATE_FILES[0]))
-            (tmp / STATE_FILES[1]).write_text(json.dumps(train_state["json"], indent=2) + "\n")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the dir complete
-    if train_state is not None:  # the resume state is large (2x the model): keep it in the newest only
+    state = runtime.full_state_dict(model)  # a collective under FSDP: every rank takes part
+    with runtime.atomic_dir_all(path) as tmp:
+        info = None if train_state is None else dict(train_state)
+        if train_state is not None and runtime.world() > 1:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None \
+                else (runtime.sharded_state_dict(model), {})
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+            save_file(rng_state(), str(tmp / f"rng_rank{runtime.rank()}.safetensors"))
+            info.update(world=runtime.world(), optimizer=optimizer is not None)
+        if runtime.is_main():
+            save_model(model, tmp, dtype=save_dtype, state=state, max_shard_bytes=max_shard_bytes)
+            for f in tok.files:
+                shutil.copy2(f, tmp / Path(f).name)
+            if info is not None and runtime.world() == 1:
+                tensors = rng_state()
+                if optimizer is not None:
+                    opt_tensors, opt_json = optimizer_tensors(optimizer)
+                    tensors.update(opt_tensors)
+                    info.update(opt_json)
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_FILES[0]))
+            if info is not None:
+                (tmp / STATE_FILES[1]).write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the dir complete
+    if train_state is not None and runtime.is_main():  # the resume state is large (2x the model): newest only
         for s, p in list_checkpoints(run_dir):
             if s < step:
                 for f in STATE_FILES:
                     (p / f).unlink(missing_ok=True)
+                for f in p.glob("rng_rank*.safetensors"):
+                    f.unlink()
+                shutil.rmtree(p / DCP_DIR, ignore_errors=True)
+    runtime.barrier()
     return path
+
+
+def has_resume_state(path: Path) -> bool:
+    """Whether a checkpoint dir holds a resume state: one process's or a torchrun run's."""
+    return (path / STATE_FILES[1]).exists() and ((path / STATE_FILES[0]).exists()
+                                                 or (path / DCP_DIR / ".metadata").exists())
 
 
 def latest_resumable(run_dir):
     """(step, path) of the newest complete checkpoint that holds resume state, or None."""
     for step, path in reversed(list_checkpoints(run_dir)):
-        if all((path / f).exists() for f in STATE_FILES):
+        if has_resume_state(path):
             return step, path
     return None
+
+
+def load_resume_state(path: Path, model, optimizer=None) -> dict:
+    """Restore what save_checkpoint wrote with a train_state: the optimiser's state (and under torchrun the
+    model's shards), the RNG; returns the loop position. The model must already hold the dir's weights in one
+    process (load_model(path)); under torchrun it is sharded and its shards are read here."""
+    from safetensors.torch import load_file
+
+    info = read_json(path / STATE_FILES[1])
+    saved_world = info.get("world", 1)
+    if saved_world != runtime.world():
+        raise UserError(f"--resume: {path} was written by {saved_world} rank(s), this run has {runtime.world()}; "
+                        f"resume with the same torchrun --nproc_per_node")
+    if runtime.world() == 1:
+        tensors = load_file(str(path / STATE_FILES[0]))
+        if optimizer is not None and any(k.startswith("optim.") for k in tensors):
+            load_optimizer_tensors(optimizer, tensors, info)
+        restore_rng(tensors)
+        return info
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is not None and info.get("optimizer"):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        state = {"model": runtime.sharded_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        runtime.load_sharded_state_dict(model, state["model"])
+    restore_rng(load_file(str(path / f"rng_rank{runtime.rank()}.safetensors")))
+    return info
 
 
 def rng_state() -> dict:
@@ -558,11 +587,6 @@ def restore_rng(tensors: dict):
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-
-
-def read_train_state(path: Path):
-    from safetensors.torch import load_file
-    return load_file(str(path / STATE_FILES[0])), read_json(path / STATE_FILES[1])
 
 # -----------------------------------------------------------------------------
 # the SFT run
@@ -643,16 +667,29 @@ def subset_steps(steps: list[int], n: int, spacing: str) -> list[int]:
 
 def build_batches(items, batch_size: int, grad_accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
     """This epoch's optimiser steps, each a list of micro-batches (lists of item indices). Depends only on
-    (seed, epoch), so a resumed run sees the same order."""
+    (seed, epoch), so a resumed run sees the same order. Under torchrun these are the global micro-batches
+    (batch_size = --batch-size x ranks); rank_batch deals each one out."""
     lengths = [len(it["input_ids"]) for it in items]
     batches = data.length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch)
     return [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
 
 
+def rank_batch(items: list[dict], indices: list[int], pad_id: int) -> dict:
+    """This rank's share of a global micro-batch, dealt round-robin (rank r takes examples r, r + N, ...), so N ranks
+    of batch b together see the batch of one process with --batch-size N*b. A short last batch can leave a rank
+    with nothing: it then runs one of the examples with every label masked, because FSDP needs every rank in every
+    forward and backward, and a batch with no answer tokens adds nothing to the loss or the gradient."""
+    share = indices[runtime.rank()::runtime.world()]
+    if share:
+        return data.collate([items[i] for i in share], pad_id)
+    batch = data.collate([items[indices[0]]], pad_id)
+    batch["labels"].fill_(-100)
+    batch["ids"] = []
+    return batch
+
+
 def validate(model, tok, args, val_examples, val_items, device) -> dict:
     """Val loss and the task metric, by the same functions evaluate.py uses."""
-    import evaluate
-
     out = {"val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)}
     if val_examples:
         metrics, _ = evaluate.evaluate(model, tok, args.task, val_examples, batch_size=args.eval_batch_size,
@@ -665,8 +702,10 @@ def validate(model, tok, args, val_examples, val_items, device) -> dict:
 def train(args) -> Path:
     """The whole SFT run for one role, top to bottom. Returns the final checkpoint dir."""
     device = resolve_device(args.device)
+    runtime.init_distributed(device)  # torchrun: one process per rank; without it, nothing
     args.dtype = resolve_dtype(args.dtype, device)
     seed_everything(args.seed)
+    world = runtime.world()
     # everything a user can get wrong is checked before --out is touched
     tok = data.load_tokenizer(args.model)
     train_examples, train_items = load_split(tok, args, "train", args.train_size)
@@ -674,9 +713,10 @@ def train(args) -> Path:
     if not train_items:
         raise UserError(f"task {args.task}: the training split is empty")
     data.check_generation_flag(args.task, train_examples, "--eval-max-new-tokens", args.eval_max_new_tokens)
-    config = {**vars(args), "device": str(device),
+    config = {**vars(args), "device": str(device), "world": world,
               "inputs": {"train": items_fingerprint(train_items), "val": items_fingerprint(val_items)}}
-    steps_per_epoch = len(build_batches(train_items, args.batch_size, args.grad_accum, args.seed, 0))
+    global_batch = args.batch_size * world  # --batch-size is per rank
+    steps_per_epoch = len(build_batches(train_items, global_batch, args.grad_accum, args.seed, 0))
     total = math.ceil(args.epochs * steps_per_epoch)
     if args.max_steps:
         total = min(total, args.max_steps)
@@ -690,13 +730,12 @@ def train(args) -> Path:
     else:
         save_at = set(spaced_steps(spacing, total, args.checkpoints, args.save_every))
     model = load_model(args.model, device=device)
-    out = prepare_out_dir(args.out, config, args.resume, args.overwrite)
+    out = runtime.main_first(prepare_out_dir, args.out, config, args.resume, args.overwrite)
     if model.args.vocab_size < tok.vocab_size:
         raise UserError(f"--model {args.model}: vocab_size {model.args.vocab_size} is smaller than its "
                         f"tokenizer's {tok.vocab_size}")
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
 
-    step, tokens_seen = 0, 0
+    step, tokens_seen, found = 0, 0, None
     log = MetricsLog(out / "metrics.jsonl")
     if args.resume:
         found = latest_resumable(out)
@@ -704,36 +743,38 @@ def train(args) -> Path:
             raise UserError(f"--resume: {out} has no complete checkpoint with resume state")
         step, path = found
         model = load_model(path, device=device)
-        optimizer = make_optimizer(model, args.lr, args.weight_decay)
-        tensors, info = read_train_state(path)
-        load_optimizer_tensors(optimizer, tensors, info)
-        restore_rng(tensors)
+    model.set_activation_checkpointing(args.activation_checkpointing)
+    model = runtime.shard(model, device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)  # after shard: it steps this rank's shards
+    if found is not None:
+        info = load_resume_state(path, model, optimizer)
         tokens_seen = info["tokens_seen"]
         log.truncate_after(step)
         print(f"resuming from {path} (step {step} of {total})")
 
     n_tokens = sum(len(it["input_ids"]) for it in train_items) * args.epochs
-    print(f"{args.role} SFT: {len(train_items)} train / {len(val_items)} val examples of {args.task}, "
-          f"{total} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x{args.grad_accum}), "
-          f"{model.num_params() / 1e6:.1f}M params on {device}; expected about "
-          f"{expected_minutes(model, n_tokens, device, args.dtype):.0f} min of training plus evals")
+    runtime.print0(f"{args.role} SFT: {len(train_items)} train / {len(val_items)} val examples of {args.task}, "
+                   f"{total} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x{args.grad_accum}"
+                   + (f"x{world} ranks" if world > 1 else "") + "), "
+                   f"{model.num_params() / 1e6:.1f}M params on {device}; expected about "
+                   f"{expected_minutes(model, n_tokens, device, args.dtype):.0f} min of training plus evals")
 
     if spacing == "val_loss" and step == 0:  # L0, the start of the drop that the footsteps share
         log.log({"step": 0, "eval": True,
                  "val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)})
     model.train()
-    bar = tqdm(total=total, initial=step, desc=f"sft {args.role}", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"sft {args.role}", dynamic_ncols=True, disable=not runtime.is_main())
     t_log, tok_log = time.perf_counter(), 0
     try:
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
-            micro = [data.collate([train_items[i] for i in mb], tok.pad_id)
-                     for mb in build_batches(train_items, args.batch_size, args.grad_accum, args.seed, epoch)[k]]
+            micro = [rank_batch(train_items, mb, tok.pad_id)
+                     for mb in build_batches(train_items, global_batch, args.grad_accum, args.seed, epoch)[k]]
             lr = lr_at(step, total, warmup, args.lr)
             loss, grad_norm, _ = train_step(model, micro, device, args.dtype)
             apply_update(optimizer, lr, step, loss, grad_norm)
             step += 1
-            batch_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            batch_tokens = runtime.sum_int(sum(int(b["attention_mask"].sum()) for b in micro if b["ids"]))
             tokens_seen += batch_tokens
             tok_log += batch_tokens
             bar.update(1)
@@ -755,17 +796,26 @@ def train(args) -> Path:
                 log.log({"step": step, "eval": True, **val})
                 meta = {"step": step, "epoch": step / steps_per_epoch, "tokens_seen": tokens_seen, "train_loss": loss,
                         **val, "role": args.role, "task": args.task, "config": config}
-                tensors, optim_json = optimizer_tensors(optimizer)
-                state = {"tensors": {**tensors, **rng_state()}, "json": {**optim_json, "step": step,
-                                                                         "tokens_seen": tokens_seen}}
-                save_checkpoint(out, step, model, tok, meta, train_state=state)
+                save_checkpoint(out, step, model, tok, meta, train_state={"step": step, "tokens_seen": tokens_seen},
+                                optimizer=optimizer, max_shard_bytes=int(args.max_shard_gb * 2**30))
                 # with val_loss spacing the run is final only once the candidates are pruned
-                write_checkpoint_index(out, final=step if step == total and spacing != "val_loss" else None)
-                tqdm.write(f"step {step}: val_loss {val['val_loss']:.4f}"
-                           + (f", val {args.task} {val['val_metric']:.4f}" if "val_metric" in val else "")
-                           + f" -> {out / checkpoint_name(step)}")
+                runtime.main_first(write_checkpoint_index, out,
+                                   step if step == total and spacing != "val_loss" else None)
+                runtime.print0(f"step {step}: val_loss {val['val_loss']:.4f}"
+                               + (f", val {args.task} {val['val_metric']:.4f}" if "val_metric" in val else "")
+                               + f" -> {out / checkpoint_name(step)}")
     finally:  # closed on any exit, so an error message starts on a line of its own
         bar.close()
+    runtime.barrier()
+    if runtime.is_main():
+        finish(out, args, log, spacing, eval_every if spacing == "val_loss" else 0, total)
+    runtime.barrier()
+    return out / checkpoint_name(total)
+
+
+def finish(out: Path, args, log: MetricsLog, spacing: str, eval_every: int, total: int):
+    """The end of a run (rank 0): with --spacing val_loss, drop the candidates that are no footstep; the final
+    index."""
     extra = {}
     if spacing == "val_loss":
         curve = {r["step"]: r["val_loss"] for r in log.rows() if r.get("eval")}
@@ -781,7 +831,6 @@ def train(args) -> Path:
     index = write_checkpoint_index(out, final=total, extra=extra)
     print(f"done: {len(index['steps'])} checkpoints in {out}; best (val loss) step {index['best']}, "
           f"final step {index['final']}")
-    return out / checkpoint_name(total)
 
 
 def main(argv=None):

@@ -34,9 +34,11 @@ import torch
 from tqdm import tqdm
 
 import data
+import runtime
 import schedule
 import sft
-from model import UserError, atomic_write_text, checkpoint_files, load_model, read_json, run_cli
+from model import checkpoint_files, load_model
+from runtime import UserError, atomic_write_text, read_json, run_cli
 from weights import save_tensors
 
 FORMS = ("exact", "topk")
@@ -112,7 +114,7 @@ def checkpoint_tensors(model, items: list[dict], pad_id: int, form: str, k: int,
     for i in range(0, len(order), batch_size):
         chunk = [items[j] for j in order[i:i + batch_size]]
         batch = sft.to_device(data.collate(chunk, pad_id), device)
-        with sft.autocast(device, dtype):
+        with runtime.autocast(device, dtype):
             logits, labels, rows = sft.answer_logits(model, batch)  # (N, V), (N,), (N,)
         logp = torch.log_softmax(logits.float(), -1)
         gold = logp.gather(-1, labels[:, None])[:, 0]

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import runtime
 import sft
-from model import UserError, atomic_write_text, files_fingerprint, load_model, model_fingerprint, run_cli
+from model import files_fingerprint, load_model, model_fingerprint
+from runtime import UserError, atomic_write_text, run_cli
 
 LOSS_FLOOR = 1e-12  # a zero loss becomes this before the log: w stays defined when a model is perfect
 LOSS_CEIL = 1e30  # an inf loss becomes this, so inf/inf cannot give NaN
@@ -65,7 +67,7 @@ def sample_losses(model, items: list[dict], pad_id: int, batch_size: int, device
     for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         idx = order[i:i + batch_size]
         batch = sft.to_device(data.collate([items[k] for k in idx], pad_id), device)
-        with sft.autocast(device, dtype):
+        with runtime.autocast(device, dtype):
             logits, labels, rows = sft.answer_logits(model, batch)  # (N, V), (N,), (N,)
         ce = F.cross_entropy(logits.float(), labels, reduction="none")
         out[idx] = sample_mean(ce, rows, len(idx)).cpu()
@@ -212,6 +214,7 @@ def main(argv=None):
     sft.add_scoring_args(p)
     args = p.parse_args(argv)
     device = sft.resolve_scoring_args(args)
+    runtime.init_distributed(device)  # torchrun: each rank scores every N-th example with a whole copy of the model
 
     index = sft.read_checkpoint_index(args.teacher)
     steps = sft.checkpoint_steps(args.teacher, args.steps)
@@ -224,11 +227,18 @@ def main(argv=None):
 
     columns = {}
     runs = [(STUDENT, student_dir)] + [(column_name(s), Path(args.teacher) / sft.checkpoint_name(s)) for s in steps]
+    mine = list(range(runtime.rank(), len(items), runtime.world()))  # all of them in one process
     for name, path in runs:  # one model in memory at a time
         model = load_model(path, device=device)
-        columns[name] = sample_losses(model, items, tok.pad_id, args.batch_size, device, args.dtype, desc=name)
+        part = sample_losses(model, [items[i] for i in mine], tok.pad_id, args.batch_size, device, args.dtype,
+                             desc=name if runtime.is_main() else None)
         del model
-        print(f"{name}: mean answer CE {columns[name].mean():.4f} ({path})")
+        columns[name] = torch.zeros(len(items))
+        columns[name][mine] = part
+        columns[name] = runtime.all_reduce_sum(columns[name])  # the ranks' rows are disjoint: the sum joins them
+        runtime.print0(f"{name}: mean answer CE {columns[name].mean():.4f} ({path})")
+    if not runtime.is_main():  # rank 0 writes the tables
+        return
 
     out = Path(args.out)
     meta = {**table_key(args.task, args.max_len, args.dtype, device, tok.files, student_dir),
@@ -243,7 +253,8 @@ def main(argv=None):
             analysis[f"{role} (step {step})"] = sfs_tfs(ids, columns[STUDENT], columns[column_name(step)])
     print(format_sfs_tfs(analysis))
     atomic_write_text(out / "sfs_tfs.json", json.dumps(analysis, indent=2) + "\n")
-    atomic_write_text(out / "config.json", json.dumps({**vars(args), "device": str(device)}, indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps({**vars(args), "device": str(device),
+                                                       "world": runtime.world()}, indent=2) + "\n")
     print(f"wrote {out / 'losses.safetensors'} ({len(ids)} examples x {len(columns)} models), {out / 'sfs_tfs.json'}")
 
 

@@ -31,7 +31,8 @@ import data  # noqa: E402
 import distill  # noqa: E402
 import schedule  # noqa: E402
 import sft  # noqa: E402
-from model import checkpoint_files, load_model, run_cli  # noqa: E402
+from model import checkpoint_files, load_model  # noqa: E402
+from runtime import run_cli  # noqa: E402
 
 PAGE_FLOATS = 1024  # 4 KiB of fp32; bf16 tensors are read at twice the needed density, which is harmless
 

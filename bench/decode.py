@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
-from model import UserError, generate, left_pad, load_model, run_cli  # noqa: E402
+from model import generate, left_pad, load_model  # noqa: E402
+from runtime import UserError, run_cli  # noqa: E402
 
 
 def autocast_run(autocast, fn):

@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
+import runtime  # noqa: E402
 import sft  # noqa: E402
-from model import load_model, run_cli  # noqa: E402
+from model import load_model  # noqa: E402
+from runtime import run_cli  # noqa: E402
 
 
 def real_batch(tok, task, n, batch_size, max_len):
@@ -64,7 +66,7 @@ def main():
     stu_sft = (lambda ids: l_stu[:len(ids)]) if a.aw else None
 
     def reference():
-        with torch.no_grad(), sft.autocast(device, a.dtype):
+        with torch.no_grad(), runtime.autocast(device, a.dtype):
             sft.answer_logits(teacher, batch)
         loss, grad_norm, _ = sft.train_step(student, [batch], device, a.dtype)
         sft.apply_update(optimizer, 1e-6, 0, loss, grad_norm)

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import sft  # noqa: E402
-from model import load_model, run_cli  # noqa: E402
+from model import load_model  # noqa: E402
+from runtime import run_cli  # noqa: E402
 
 
 def main():

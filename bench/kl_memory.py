@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import set_threads  # noqa: E402
-from model import UserError, run_cli  # noqa: E402
+from runtime import UserError, run_cli  # noqa: E402
 
 GB = 1024 ** 3
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
-from model import load_model, run_cli  # noqa: E402
+from model import load_model  # noqa: E402
+from runtime import run_cli  # noqa: E402
 
 
 def step(weights, inputs, fn):

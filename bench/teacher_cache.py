@@ -31,7 +31,8 @@ import data  # noqa: E402
 import distill  # noqa: E402
 import sft  # noqa: E402
 import teacher_cache  # noqa: E402
-from model import load_model, run_cli  # noqa: E402
+from model import load_model  # noqa: E402
+from runtime import run_cli  # noqa: E402
 from weights import save_tensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
+import runtime  # noqa: E402
 import sft  # noqa: E402
 import teacher_cache  # noqa: E402
 import weights  # noqa: E402
-from model import load_model, run_cli  # noqa: E402
+from model import load_model  # noqa: E402
+from runtime import run_cli  # noqa: E402
 
 
 @torch.no_grad()
@@ -35,7 +37,7 @@ def answer_log_probs(model, items, pad_id, batch_size, dtype="fp32"):
     out, labels, rows = [], [], []
     for i in range(0, len(items), batch_size):
         batch = data.collate(items[i:i + batch_size], pad_id)
-        with sft.autocast(torch.device("cpu"), dtype):
+        with runtime.autocast(torch.device("cpu"), dtype):
             logits, y, r = sft.answer_logits(model, batch)
         out.append(torch.log_softmax(logits.float(), -1))
         labels.append(y)

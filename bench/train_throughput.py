@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
-from model import ModelArgs, Transformer, run_cli  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from runtime import run_cli  # noqa: E402
 from sft import answer_logits, make_optimizer  # noqa: E402
 
 SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152,

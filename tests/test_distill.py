@@ -18,7 +18,8 @@ import distill
 import schedule
 import sft
 import weights
-from model import UserError, load_model
+from model import load_model
+from runtime import UserError
 
 
 

@@ -202,7 +202,7 @@ def test_quick_experiment_on_jsonl(name, kind, tmp_path, models_dir):
 
 def test_stale_settings_and_unhealed_student_are_refused(tmp_path, models_dir, tokenizer_dir):
     from conftest import make_tiny_model
-    from model import UserError
+    from runtime import UserError
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td"])
     before = (tmp_path / "ncbi_disease_quick" / "timings.json").read_text()
     # another lr grid would silently reuse the variants trained at the old one: refused by name, nothing run

@@ -189,7 +189,7 @@ def test_heal_run_learns_exports_and_resumes_exactly(tmp_path, tokenizer_dir, mo
 
 
 def test_heal_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
-    from model import UserError
+    from runtime import UserError
     teacher_dir = make_tiny_model(tmp_path / "teacher", tokenizer_dir, n_layers=4, seed=3)
     with pytest.raises(UserError, match="--layers 5"):
         run_heal(tmp_path, teacher_dir, tmp_path / "run", "", "--layers", "5")

@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import ModelArgs, UserError, generate, load_model, save_model
+from model import ModelArgs, generate, load_model, save_model
+from runtime import UserError
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -116,6 +118,42 @@ def test_save_round_trip_through_transformers(name, tmp_path):
         ref = hf(ids).logits
         assert (back.eval()(ids).logits - ref).abs().max() <= 1e-4
         assert (load_model(tmp_path / "b")(ids) - ref).abs().max() <= 1e-4
+
+
+def test_save_model_shards_above_the_limit_and_transformers_reads_them(tmp_path):
+    """save_model's own sharding (the HF layout transformers writes with max_shard_size): files under the limit
+    in name order, one tensor bigger than the limit alone in its file, an index; both loaders give the same logits."""
+    ours = load_model(_saved(tmp_path, **CONFIGS["mha_untied"]))
+    limit = 40_000
+    save_model(ours, tmp_path / "sharded", max_shard_bytes=limit)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    assert sorted(index["weight_map"]) == sorted(ours.state_dict())
+    for f in files:
+        tensors = load_file(tmp_path / "sharded" / f)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= limit or len(tensors) == 1
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 16))
+    with torch.no_grad():
+        ref = ours(ids)
+        assert (hf(ids).logits - ref).abs().max() <= 1e-4
+        assert torch.equal(load_model(tmp_path / "sharded")(ids), ref)
+
+
+def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path):
+    ours = load_model(_saved(tmp_path, **CONFIGS["gqa_tied"]))
+    ids = torch.randint(0, BASE["vocab_size"], (2, 24))
+    grads = []
+    for on in (False, True):
+        ours.zero_grad(set_to_none=True)
+        ours.set_activation_checkpointing(on)
+        loss = F.cross_entropy(ours(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in ours.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_save_bf16_loads_as_fp32(tmp_path):
@@ -322,7 +360,7 @@ def test_missing_config_and_dir(tmp_path):
 
 def test_cli_error_is_one_line(tmp_path):
     code = f"import sys; sys.path.insert(0, {str(__import__('model').__file__.rsplit('/', 1)[0])!r}); " \
-           f"from model import run_cli, load_model; run_cli(lambda: load_model({str(tmp_path)!r}))"
+           f"from model import load_model; from runtime import run_cli; run_cli(lambda: load_model({str(tmp_path)!r}))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import prepare
-from model import UserError, generate, load_model
+from model import generate, load_model
+from runtime import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "models" / ".cache"

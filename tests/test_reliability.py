@@ -247,7 +247,7 @@ IGNORED_FLAGS = {  # script, argv, the start of the error
 def test_ignored_flags_are_refused(case, tmp_path, monkeypatch):
     import importlib
 
-    from model import UserError
+    from runtime import UserError
     script, argv, message = IGNORED_FLAGS[case]
     monkeypatch.chdir(tmp_path)  # nothing to find or write there: the refusal must come first
     with pytest.raises(UserError) as e:
@@ -265,3 +265,20 @@ def test_generation_caps_refused_where_nothing_is_generated(tiny, tmp_path):
     r = run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(tiny), "--task", "pubmedqa",
              "--max-new-tokens", "8"])
     one_line_error(r, "--max-new-tokens 8: task pubmedqa is scored by the log-probability of each choice")
+
+
+def test_the_import_graph_reads_one_way():
+    """runtime at the bottom, model and data on it, evaluation and training above, the AW/SCD pieces on training,
+    distillation on top: every script imports only from the layers below its own (the loops sft <-> evaluate and
+    data -> model are gone)."""
+    import ast
+
+    layers = [{"runtime"}, {"model", "data"}, {"evaluate", "prepare"}, {"sft"}, {"weights"}, {"schedule"},
+              {"teacher_cache"}, {"distill"}, {"heal"}, {"experiment"}]
+    level = {m: i for i, names in enumerate(layers) for m in names}
+    for module, i in level.items():
+        tree = ast.parse((ROOT / f"{module}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        for other in imported & set(level) - {module}:
+            assert level[other] < i, f"{module}.py imports {other}, which is not below it"

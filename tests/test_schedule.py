@@ -9,7 +9,8 @@ import torch
 import data
 import schedule
 import sft
-from model import UserError, load_model
+from model import load_model
+from runtime import UserError
 from schedule import Scheduler, cd_choice, metric1, metric2, scd_choice, td_choice
 
 

@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 
 import data
 import evaluate
+import runtime
 import sft
-from model import UserError, load_model, save_model
+from model import load_model, save_model
+from runtime import UserError
 
 ROOT = sft.Path(sft.__file__).resolve().parent
 
@@ -51,18 +53,19 @@ def test_end_to_end_checkpoints(tiny_model_dir, tmp_path):
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])  # it learns: from ln(V) = 10.8, the last epoch is clearly lower
     config = json.loads((out / "config.json").read_text())
     assert config["role"] == "teacher"
-    assert config["dtype"] == ("bf16" if sft.fast_bf16(torch.device("cpu")) else "fp32")  # the preset's auto, resolved
+    # the preset's auto, resolved
+    assert config["dtype"] == ("bf16" if runtime.fast_bf16(torch.device("cpu")) else "fp32")
 
 
 def test_dtype_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, capsys):
     cpu = torch.device("cpu")
     if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):  # no bf16 matmul kernels
-        assert not sft.fast_bf16(cpu)
+        assert not runtime.fast_bf16(cpu)
     for fast, auto in ((False, "fp32"), (True, "bf16")):
-        monkeypatch.setattr(sft, "fast_bf16", lambda device: fast)
-        assert sft.resolve_dtype("auto", cpu) == auto
-        assert sft.resolve_dtype("fp32", cpu) == "fp32"
-        assert sft.resolve_dtype("bf16", cpu) == "bf16"  # kept as asked, with a warning where it is slow
+        monkeypatch.setattr(runtime, "fast_bf16", lambda device: fast)
+        assert runtime.resolve_dtype("auto", cpu) == auto
+        assert runtime.resolve_dtype("fp32", cpu) == "fp32"
+        assert runtime.resolve_dtype("bf16", cpu) == "bf16"  # kept as asked, with a warning where it is slow
         assert ("no bf16 matmul kernels" in capsys.readouterr().err) == (not fast)
 
 

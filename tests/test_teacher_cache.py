@@ -17,7 +17,8 @@ import data
 import distill
 import sft
 import teacher_cache
-from model import UserError, load_model
+from model import load_model
+from runtime import UserError
 
 SIZES = ["--train-size", "8", "--max-len", "96"]
 

@@ -7,7 +7,8 @@ import torch
 
 import data
 import weights
-from model import UserError, load_model
+from model import load_model
+from runtime import UserError
 from weights import aw_weight, sample_mean, sfs_tfs
 
 

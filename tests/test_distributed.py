@@ -1,0 +1,204 @@
+"""torchrun with 2 ranks on the CPU (gloo, FSDP2) against one process: the same losses, schedule and weights, a
+kill -9 that resumes to the same weights, and a sharded export that transformers loads. Each launch is a real
+`torchrun --nproc_per_node 2` of the script, as a user would type it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, make_teacher_runs, make_tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import distill
+import sft
+import weights
+from model import load_model
+
+# 21 examples at a global batch of 4: the last batch of each epoch has one example, so one rank's share is empty
+SFT_FLAGS = ["--role", "student", "--train-size", "21", "--val-size", "2", "--max-len", "64", "--epochs", "2",
+             "--checkpoints", "4", "--eval-max-new-tokens", "4", "--eval-batch-size", "4", "--log-every", "1",
+             "--dtype", "fp32", "--device", "cpu", "--lr", "1e-3"]
+# fp32: the ranks sum their gradients in another order than one process does. Losses agree to 1e-5 relative; a
+# weight whose gradient is near 0 takes an Adam step of up to lr * sign(noise), so weights get atol 1e-5 = lr / 100
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def torchrun(script: str, *args, wait: bool = True):
+    """`torchrun --standalone --nproc_per_node 2 script args` from the repo root, one thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:  # its own process group, so a kill -9 takes torchrun and both ranks
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(run) -> list[dict]:
+    return [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in s]
+
+
+def assert_same_weights(a, b, exact: bool = False):
+    a, b = load_file(a), load_file(b)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]) if exact else torch.allclose(a[k], b[k], **TOL), k
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer_dir):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", tokenizer_dir, n_layers=2, dim=32)
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tiny, tmp_path_factory):
+    """The same SFT: one process with batch 4, and 2 ranks with batch 2 each (activation checkpointing on, which
+    must not change a number)."""
+    root = tmp_path_factory.mktemp("sft")
+    sft.main(["--model", str(tiny), "--out", str(root / "one"), "--batch-size", "4", *SFT_FLAGS])
+    torchrun("sft.py", "--model", tiny, "--out", root / "two", "--batch-size", 2, "--activation-checkpointing",
+             *SFT_FLAGS)
+    return root / "one", root / "two"
+
+
+def test_two_ranks_give_the_losses_and_weights_of_one_process_at_twice_the_batch(sft_runs):
+    one, two = sft_runs
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        assert x["step"] == y["step"] and x["tokens_seen"] == y["tokens_seen"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                   rel=1e-4)
+    assert sft.read_checkpoint_index(one)["steps"] == sft.read_checkpoint_index(two)["steps"] == [3, 6, 9, 12]
+    for step in (6, 12):
+        assert_same_weights(one / sft.checkpoint_name(step) / "model.safetensors",
+                            two / sft.checkpoint_name(step) / "model.safetensors")
+    config = json.loads((two / "config.json").read_text())
+    assert config["world"] == 2 and config["batch_size"] == 2
+    # the resume state of a 2-rank run is sharded by rank, and only the newest checkpoint keeps one
+    final = two / "step_000012"
+    assert (final / "dcp" / ".metadata").exists() and (final / "rng_rank1.safetensors").exists()
+    assert not (two / "step_000009" / "dcp").exists()
+
+
+def test_kill_9_of_two_ranks_resumes_to_the_weights_of_the_straight_run(sft_runs, tiny, tmp_path):
+    straight = sft_runs[1]
+    out = tmp_path / "killed"
+    args = ["--model", tiny, "--out", out, "--batch-size", 2, "--activation-checkpointing", *SFT_FLAGS]
+    proc = torchrun("sft.py", *args, wait=False)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 300:
+        if sft.latest_resumable(out) is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step, _ = sft.latest_resumable(out)
+    assert step < 12 and not (out / "step_000012").exists()
+    torchrun("sft.py", *args, "--resume")
+    assert_same_weights(straight / "step_000012" / "model.safetensors", out / "step_000012" / "model.safetensors",
+                        exact=True)
+    # one process cannot take over a 2-rank resume state: refused by name, nothing written
+    r = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(tiny), "--out", str(out),
+                        "--batch-size", "2", *SFT_FLAGS, "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "world=2" in r.stderr, r.stderr
+
+
+def test_sharded_export_loads_in_transformers_with_equal_logits(tiny, tmp_path):
+    """--max-shard-gb below the model's size: model-0000k-of-0000n files and their index, gathered and written by
+    rank 0; transformers and load_model read them to the same logits."""
+    out = tmp_path / "run"
+    torchrun("sft.py", "--model", tiny, "--out", out, "--batch-size", 2, "--max-shard-gb", 0.002, "--role", "student",
+             "--train-size", 8, "--val-size", 2, "--max-len", 64, "--epochs", 1, "--checkpoints", 1,
+             "--eval-max-new-tokens", 4, "--dtype", "fp32", "--device", "cpu")
+    final = out / "step_000002"
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (final / "model.safetensors").exists()
+    assert all((final / f).stat().st_size <= 0.002 * 2**30 + 2**16 or len(load_file(final / f)) == 1
+               for f in files)  # a shard is under the limit, or one tensor bigger than it alone
+    ours = load_model(final)
+    hf = AutoModelForCausalLM.from_pretrained(final, torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.args.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def teacher_runs(tmp_path_factory, tokenizer_dir):
+    return make_teacher_runs(tmp_path_factory.mktemp("runs"), tokenizer_dir)
+
+
+def distill_flags(runs, out, *extra):
+    root, init = runs
+    return ["--teacher", root / "teacher", "--init", init, "--out", out, "--student-sft", root / "student",
+            "--aw-table", root / "no_table", "--probe-cache", root / "probe_cache", "--probe-size", 3,
+            "--eval-split", "none", "--train-size", 10, "--val-size", 2, "--max-len", 96, "--stages", 3,
+            "--stage-steps", 2, "--eval-batch-size", 4, "--log-every", 1, "--device", "cpu", "--lr", "1e-3",
+            "--dtype", "fp32", *extra]
+
+
+@pytest.mark.parametrize("sharding", ["shard", "replicate"])
+def test_distill_scd_aw_on_two_ranks_picks_the_checkpoints_of_one_process(sharding, teacher_runs, tmp_path):
+    """SCD's probe metrics and choices, AW's weights and the losses of every step, and the final student."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    distill.main([str(a) for a in distill_flags(teacher_runs, one, "--batch-size", 4)])
+    torchrun("distill.py", *distill_flags(teacher_runs, two, "--batch-size", 2, "--teacher-sharding", sharding))
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        for key in ("loss", "kd", "ce", "w"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
+    sched = [[json.loads(s) for s in (run / "schedule.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [r["chosen"] for r in sched[0]] == [r["chosen"] for r in sched[1]]
+    for r1, r2 in zip(*sched):
+        for c1, c2 in zip(r1["candidates"], r2["candidates"]):
+            assert c1["ckpt"] == c2["ckpt"]
+            for m in ("metric1", "metric2"):
+                assert c1[m] == pytest.approx(c2[m], rel=1e-5, abs=1e-7), m
+    assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+
+
+def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teacher_runs, tmp_path):
+    """Killed right after its first resume state (mid-stage: the optimiser's shards are in it), resumed on 2 ranks:
+    the final student of a straight 2-rank run, bit for bit."""
+    flags = distill_flags(teacher_runs, tmp_path / "straight", "--batch-size", 2, "--save-every", 1)
+    torchrun("distill.py", *flags)
+    out = tmp_path / "killed"
+    flags = distill_flags(teacher_runs, out, "--batch-size", 2, "--save-every", 1)
+    proc = torchrun("distill.py", *flags, wait=False)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 300:
+        if sft.latest_resumable(out / "resume") is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "final").exists()
+    torchrun("distill.py", *flags, "--resume")
+    assert_same_weights(tmp_path / "straight" / "final" / "model.safetensors", out / "final" / "model.safetensors",
+                        exact=True)
+
+
+def test_weights_on_two_ranks_score_every_example_as_one_process(teacher_runs, tmp_path):
+    root, _ = teacher_runs
+    flags = ["--teacher", root / "teacher", "--student-sft", root / "student", "--train-size", 10, "--max-len", 96,
+             "--batch-size", 3, "--device", "cpu", "--dtype", "fp32"]
+    weights.main([str(a) for a in [*flags, "--out", tmp_path / "one"]])
+    torchrun("weights.py", *flags, "--out", tmp_path / "two")
+    a, b = load_file(tmp_path / "one" / "losses.safetensors"), load_file(tmp_path / "two" / "losses.safetensors")
+    assert sorted(a) == sorted(b) and len(a) == 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+    split = [weights.final_split(json.loads((tmp_path / d / "sfs_tfs.json").read_text())) for d in ("one", "two")]
+    assert split[0]["sfs_ids"] == split[1]["sfs_ids"]
