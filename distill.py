@@ -32,6 +32,7 @@ exist whole.
 """
 
 import argparse
+import gc
 import json
 import math
 import shutil
@@ -311,7 +312,9 @@ def distill_step(student, teacher, micro_batches, loss_student_sft, args, device
     for batch in micro_batches:
         batch = sft.to_device(batch, device)
         if not batch["ids"]:  # this rank's empty share of a short last batch (sft.rank_batch): FSDP still needs
-            with sft.autocast(device, args.dtype):  # its forward and backward; no answer tokens, so it adds 0
+            if isinstance(teacher, torch.nn.Module) and runtime.is_sharded(teacher):  # the forwards of the others,
+                teacher_targets(teacher, batch, device, args.dtype, False)             # teacher's included; no
+            with sft.autocast(device, args.dtype):                                     # answer tokens: it adds 0
                 (sft.sft_loss_sum(student, batch) * 0).backward()
             continue
         B = batch["input_ids"].shape[0]
@@ -630,7 +633,7 @@ def distill(args) -> Path:
     else:
         student = load_model(args.init, device=device)
     student.set_activation_checkpointing(args.activation_checkpointing)
-    student = runtime.shard(student, device)
+    student = runtime.shard(student, device, args.dtype)
     if resume_from is not None and k == 0:  # a stage boundary: weights and RNG, the next stage's optimiser is new
         sft.load_resume_state(resume_from, student)
         resume_from = None
@@ -654,18 +657,23 @@ def distill(args) -> Path:
             chosen, record = scheduler.select(stage, g, lambda: schedule.probe_logprobs(
                 student, probe, tok.pad_id, args.eval_batch_size, device, args.dtype))
             chosen, record = runtime.broadcast_object((chosen, record))  # every rank follows rank 0's choice
+            scheduler.follow(chosen)
             sched_log.log(record)
             runtime.print0(f"stage {stage}: teacher checkpoint {chosen}")
         if args.aw and args.aw_anchor == "current" and anchor_stage != stage:
             loss_student_sft, anchor_stage = stage_anchor(out, stage, student, train_items, tok, args, device), stage
         if chosen != teacher_step:  # only one teacher checkpoint in memory at a time: drop the old one first
             teacher = None
+            gc.collect()  # FSDP's hooks hold the old teacher in a reference cycle: free it before the next loads
             if cached is not None:
                 teacher = cached.checkpoint(chosen)
             else:
-                teacher = load_model(checkpoints[chosen], device=device).requires_grad_(False).eval()
+                # under torchrun with --dtype bf16 the teacher is kept in bf16 (it only runs forward, and FSDP
+                # computes in bf16 anyway); one process keeps fp32 weights under autocast, as before
+                dtype = torch.bfloat16 if world > 1 and args.dtype == "bf16" else torch.float32
+                teacher = load_model(checkpoints[chosen], device=device, dtype=dtype).requires_grad_(False).eval()
                 if args.teacher_sharding == "shard":  # 1/N of it per rank, one layer gathered at a time
-                    teacher = runtime.shard(teacher, device, train=False)
+                    teacher = runtime.shard(teacher, device, args.dtype, train=False)
             teacher_step = chosen
         optimizer = sft.make_optimizer(student, args.lr, args.weight_decay)  # fresh at every stage
         if resume_from is not None:  # mid-stage: the optimiser's state too

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 import data
 from model import KVCache, generate, left_pad, load_model
-from runtime import (UserError, atomic_write_text, autocast, given_flags, resolve_device, resolve_dtype,
-                     run_cli)
+from runtime import (UserError, atomic_write_text, autocast, given_flags, resolve_device, resolve_dtype, run_cli,
+                     single_process)
 
 @torch.no_grad()
 def label_logprobs(model, tok, examples, labels: list, batch_size: int, dtype: str = "fp32",
@@ -142,6 +142,7 @@ def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None
 
 
 def main(argv=None):
+    single_process("evaluate.py")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="HF Llama model dir (e.g. runs/student/step_000100)")

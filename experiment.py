@@ -413,6 +413,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
 
 
 def main(argv=None):
+    runtime.single_process("experiment.py")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="ncbi_disease", help="ncbi_disease, bc5cdr, pubmedqa or jsonl (with --data)")

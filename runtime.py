@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -212,10 +213,21 @@ def is_main() -> bool:
 
 
 def init_distributed(device: torch.device):
-    """Start the process group when launched by torchrun with more than one rank (NCCL on CUDA, gloo on CPU)."""
+    """Start the process group when launched by torchrun with more than one rank: NCCL for CUDA tensors, gloo for
+    the CPU ones (the token counts and per-sample losses the scripts reduce), gloo alone on the CPU.
+
+    The timeout is long because some work runs on rank 0 alone while the others wait in a barrier (building the
+    probe cache, scoring the SFT student for AW, the final evaluation); NCCL's default would kill them at 10 min."""
     if world() > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None, timeout=timedelta(hours=3))
+
+
+def single_process(script: str):
+    """Refuse a launch by torchrun for a script that runs in one process (N copies would write the same files)."""
+    if world() > 1:
+        raise UserError(f"{script} runs in one process: start it with python, not torchrun (sft.py, weights.py and "
+                        "distill.py are the ones that run on several ranks)")
 
 
 def print0(*args, **kwargs):
@@ -274,20 +286,23 @@ def broadcast_object(obj):
     return box[0]
 
 
-def shard(model: torch.nn.Module, device: torch.device, train: bool = True, reshard: bool = True):
+def shard(model: torch.nn.Module, device: torch.device, dtype: str = "fp32", train: bool = True,
+          reshard: bool = True):
     """Wrap each decoder layer and the root in FSDP2 units (nothing in one process).
 
     The root unit (embeddings, final norm, lm_head; tied or not) is not resharded after forward: the training
     scripts call the model's head on answer positions after `hidden()`, and in chunks inside the loss's backward, so
     it must stay gathered from forward to backward. A teacher (train=False) reshards every layer after its forward
     when `reshard`, so a rank holds 1/N of it plus one layer at a time. Gradients are summed over ranks, not averaged:
-    each rank's loss is already divided by the global token count."""
+    each rank's loss is already divided by the global token count. With --dtype bf16 on CUDA the parameters are
+    gathered and computed in bf16, the gradients reduced in fp32 (MixedPrecisionPolicy); otherwise in their own
+    dtype."""
     if world() == 1:
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+        if device.type == "cuda" and dtype == "bf16" else MixedPrecisionPolicy()
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)

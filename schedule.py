@@ -148,7 +148,7 @@ class Scheduler:
         self.m1 = None  # Metric 1 per checkpoint, filled on the first SCD selection
         # distinct: no checkpoint serves two stages (SCD takes the argmin over the unused ones; CD with no more
         # stages than checkpoints never repeats); `used` restores the earlier stages' choices, in order, on a resume
-        self.distinct, self.used = distinct, set(used)
+        self.distinct, self.used, self.new = distinct, set(used), False
         # forward_only: SCD never goes back to a checkpoint earlier than the last stage's choice (not in the paper)
         self.forward_only, self.last = forward_only, (list(used)[-1] if used else None)
         self.balance, self.metric2_weight = balance, metric2_weight
@@ -175,6 +175,7 @@ class Scheduler:
             b1, b2, used_balance = balance_metrics({s: m1[s] for s in free}, {s: m2[s] for s in free},
                                                    self.balance, self.metric2_weight)
             chosen = scd_choice(b1, b2)
+        self.new = chosen not in self.used
         self.used.add(chosen)
         self.last = chosen
         candidates = [candidate(s, m1.get(s), m2.get(s)) for s in steps]
@@ -186,6 +187,16 @@ class Scheduler:
                 c["score_terms"] = [b1[s], b2[s]] if s in b1 and math.isfinite(b1[s] + b2[s]) else None
             record.update(used_balance, forward_only=self.forward_only)
         return chosen, record
+
+    def follow(self, chosen: int):
+        """Under torchrun every rank takes rank 0's choice; the memory of what was used follows it, so --distinct and
+        --forward-only decide alike on every rank."""
+        if self.last != chosen:
+            if self.new:  # this rank's own choice, now not taken
+                self.used.discard(self.last)
+            self.new = chosen not in self.used
+            self.used.add(chosen)
+            self.last = chosen
 
 
 def format_metric1(m1: dict[int, float], metas: dict[int, dict], best: int, final: int | None) -> str:
@@ -310,6 +321,7 @@ def check_balance_args(args, given: set[str]):
 
 
 def main(argv=None):
+    runtime.single_process("schedule.py")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")

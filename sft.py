@@ -178,7 +178,8 @@ def load_split(tok, args, split: str, limit: int = 0):
                                   metric=getattr(args, "metric", None))
     items, n_trunc = data.encode_split(tok, examples, args.max_len, refuse_long=args.refuse_long)
     if n_trunc:
-        print(f"{args.task}/{split}: {n_trunc} of {len(examples)} examples truncated to --max-len {args.max_len}")
+        runtime.print0(f"{args.task}/{split}: {n_trunc} of {len(examples)} examples truncated to --max-len "
+                       f"{args.max_len}")
     return examples, items
 
 
@@ -742,15 +743,16 @@ def train(args) -> Path:
         if found is None:
             raise UserError(f"--resume: {out} has no complete checkpoint with resume state")
         step, path = found
+        del model  # one copy at a time: the checkpoint's weights replace the starting ones
         model = load_model(path, device=device)
     model.set_activation_checkpointing(args.activation_checkpointing)
-    model = runtime.shard(model, device)
+    model = runtime.shard(model, device, args.dtype)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)  # after shard: it steps this rank's shards
     if found is not None:
         info = load_resume_state(path, model, optimizer)
         tokens_seen = info["tokens_seen"]
         log.truncate_after(step)
-        print(f"resuming from {path} (step {step} of {total})")
+        runtime.print0(f"resuming from {path} (step {step} of {total})")
 
     n_tokens = sum(len(it["input_ids"]) for it in train_items) * args.epochs
     runtime.print0(f"{args.role} SFT: {len(train_items)} train / {len(val_items)} val examples of {args.task}, "

@@ -287,6 +287,7 @@ class CachedProbe:
 
 
 def main(argv=None):
+    runtime.single_process("teacher_cache.py")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
