@@ -157,16 +157,18 @@ def test_distill_scd_aw_on_two_ranks_picks_the_checkpoints_of_one_process(shardi
     torchrun("distill.py", *distill_flags(teacher_runs, two, "--batch-size", 2, "--teacher-sharding", sharding))
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 6
+    # KD and the SCD metrics are KLs between nearly equal distributions (~0.01 nats): sums of terms that cancel, so
+    # their fp32 rounding is absolute (~1e-7, and it moves with the thread count), not relative
     for x, y in zip(a, b):
         for key in ("loss", "kd", "ce", "w"):
-            assert x[key] == pytest.approx(y[key], rel=1e-5), key
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
     sched = [[json.loads(s) for s in (run / "schedule.jsonl").read_text().splitlines()] for run in (one, two)]
     assert [r["chosen"] for r in sched[0]] == [r["chosen"] for r in sched[1]]
     for r1, r2 in zip(*sched):
         for c1, c2 in zip(r1["candidates"], r2["candidates"]):
             assert c1["ckpt"] == c2["ckpt"]
             for m in ("metric1", "metric2"):
-                assert c1[m] == pytest.approx(c2[m], rel=1e-5, abs=1e-7), m
+                assert c1[m] == pytest.approx(c2[m], rel=1e-5, abs=1e-6), m
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
 
 
