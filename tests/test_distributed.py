@@ -149,12 +149,22 @@ def distill_flags(runs, out, *extra):
             "--dtype", "fp32", *extra]
 
 
+@pytest.fixture(scope="module")
+def distill_runs(teacher_runs, tmp_path_factory):
+    """SCD+AW in one process at batch 4, and on 2 ranks at batch 2 with the teacher sharded (also the straight run
+    of the kill test: --save-every only places resume states, the run is bit-identical with or without it)."""
+    root = tmp_path_factory.mktemp("distill")
+    distill.main([str(a) for a in distill_flags(teacher_runs, root / "one", "--batch-size", 4)])
+    torchrun("distill.py", *distill_flags(teacher_runs, root / "shard", "--batch-size", 2, "--save-every", 1))
+    return root
+
+
 @pytest.mark.parametrize("sharding", ["shard", "replicate"])
-def test_distill_scd_aw_on_two_ranks_picks_the_checkpoints_of_one_process(sharding, teacher_runs, tmp_path):
+def test_distill_scd_aw_on_two_ranks_picks_the_checkpoints_of_one_process(sharding, teacher_runs, distill_runs):
     """SCD's probe metrics and choices, AW's weights and the losses of every step, and the final student."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    distill.main([str(a) for a in distill_flags(teacher_runs, one, "--batch-size", 4)])
-    torchrun("distill.py", *distill_flags(teacher_runs, two, "--batch-size", 2, "--teacher-sharding", sharding))
+    one, two = distill_runs / "one", distill_runs / sharding
+    if sharding != "shard":
+        torchrun("distill.py", *distill_flags(teacher_runs, two, "--batch-size", 2, "--teacher-sharding", sharding))
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 6
     # KD and the SCD metrics are KLs between nearly equal distributions (~0.01 nats): sums of terms that cancel, so
@@ -172,11 +182,9 @@ def test_distill_scd_aw_on_two_ranks_picks_the_checkpoints_of_one_process(shardi
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
 
 
-def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teacher_runs, tmp_path):
+def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teacher_runs, distill_runs, tmp_path):
     """Killed right after its first resume state (mid-stage: the optimiser's shards are in it), resumed on 2 ranks:
     the final student of a straight 2-rank run, bit for bit."""
-    flags = distill_flags(teacher_runs, tmp_path / "straight", "--batch-size", 2, "--save-every", 1)
-    torchrun("distill.py", *flags)
     out = tmp_path / "killed"
     flags = distill_flags(teacher_runs, out, "--batch-size", 2, "--save-every", 1)
     proc = torchrun("distill.py", *flags, wait=False)
@@ -190,7 +198,7 @@ def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teach
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "final").exists()
     torchrun("distill.py", *flags, "--resume")
-    assert_same_weights(tmp_path / "straight" / "final" / "model.safetensors", out / "final" / "model.safetensors",
+    assert_same_weights(distill_runs / "shard" / "final" / "model.safetensors", out / "final" / "model.safetensors",
                         exact=True)
 
 
