@@ -17,6 +17,7 @@ batch b give the gradients of one process of batch N*b.
 """
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -75,8 +76,6 @@ def refuse_unused(given: set[str], unused: dict[str, str]):
 
 
 def read_json(path) -> dict:
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
