@@ -613,7 +613,8 @@ def distill(args) -> Path:
         cache = cached.probe(probe)
     elif args.schedule == "scd":
         cache = schedule.ProbeCache(args.probe_cache, probe, list(checkpoints.items()), args.dtype, device, tok.files)
-        runtime.main_first(cache.build, tok.pad_id, args.eval_batch_size)  # rank 0 scores, every rank reads
+        # rank 0 scores the checkpoints, then every rank reads the files (`and None`: the cache is not sent round)
+        runtime.main_first(lambda: cache.build(tok.pad_id, args.eval_batch_size) and None)
 
     stage, k, chosen, tokens_seen, resume_from = 0, 0, None, 0, None
     teacher, teacher_step = None, None
