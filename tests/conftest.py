@@ -1,6 +1,7 @@
 """Shared fixtures: the real default models (built once by prepare.py, reused after) and tiny random Llamas that
 carry the real SmolLM2 tokenizer, so pipelines run on real text in seconds."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +15,21 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """tmp_path_factory.mktemp for a module's shared fixtures, whose folders go when the module's last test is done:
+    a suite run holds one module's checkpoints on disk at a time, not all of them until it ends."""
+    made = []
+
+    def mktemp(name):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,8 @@ from runtime import UserError
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tokenizer_dir):
-    return make_teacher_runs(tmp_path_factory.mktemp("runs"), tokenizer_dir)
+def runs(module_tmp, tokenizer_dir):
+    return make_teacher_runs(module_tmp("runs"), tokenizer_dir)
 
 
 def argv(runs, out, *extra):
@@ -160,8 +160,8 @@ RESUME_FLAGS = ("--schedule", "scd", "--aw", "--save-every", "1", "--stage-steps
 
 
 @pytest.fixture(scope="module")
-def straight_run(runs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "run"
+def straight_run(runs, module_tmp):
+    out = module_tmp("straight") / "run"
     distill.main(argv(runs, out, *RESUME_FLAGS))
     return out
 
@@ -484,8 +484,8 @@ def dynamic_argv(runs, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def dynamic_run(runs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dynamic") / "run"
+def dynamic_run(runs, module_tmp):
+    out = module_tmp("dynamic") / "run"
     seen = []
     real = distill.distill_step
 

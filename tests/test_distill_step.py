@@ -34,10 +34,10 @@ def plain_ce(model, item) -> float:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer_dir):
+def setup(module_tmp, tokenizer_dir):
     """Four items with 3, 16, 6 and 2 answer tokens; a teacher fitted to two of them (per-sample CE from about
     0.1 to about 14); L_stuSFT set per sample as a multiple of the teacher's CE."""
-    root = tmp_path_factory.mktemp("step")
+    root = module_tmp("step")
     tok = data.load_tokenizer(tokenizer_dir)
     pool, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=16), 80)
     items = [pool[i] for i in (0, 2, 6, 1)]

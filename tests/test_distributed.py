@@ -54,15 +54,15 @@ def assert_same_weights(a, b, exact: bool = False):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", tokenizer_dir, n_layers=2, dim=32)
+def tiny(module_tmp, tokenizer_dir):
+    return make_tiny_model(module_tmp("tiny") / "m", tokenizer_dir, n_layers=2, dim=32)
 
 
 @pytest.fixture(scope="module")
-def sft_runs(tiny, tmp_path_factory):
+def sft_runs(tiny, module_tmp):
     """The same SFT: one process with batch 4, and 2 ranks with batch 2 each (activation checkpointing on, which
     must not change a number)."""
-    root = tmp_path_factory.mktemp("sft")
+    root = module_tmp("sft")
     sft.main(["--model", str(tiny), "--out", str(root / "one"), "--batch-size", "4", *SFT_FLAGS])
     torchrun("sft.py", "--model", tiny, "--out", root / "two", "--batch-size", 2, "--activation-checkpointing",
              *SFT_FLAGS)
@@ -134,8 +134,8 @@ def test_sharded_export_loads_in_transformers_with_equal_logits(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def teacher_runs(tmp_path_factory, tokenizer_dir):
-    return make_teacher_runs(tmp_path_factory.mktemp("runs"), tokenizer_dir)
+def teacher_runs(module_tmp, tokenizer_dir):
+    return make_teacher_runs(module_tmp("runs"), tokenizer_dir)
 
 
 def distill_flags(runs, out, *extra):
@@ -150,10 +150,10 @@ def distill_flags(runs, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def distill_runs(teacher_runs, tmp_path_factory):
+def distill_runs(teacher_runs, module_tmp):
     """SCD+AW in one process at batch 4, and on 2 ranks at batch 2 with the teacher sharded (also the straight run
     of the kill test: --save-every only places resume states, the run is bit-identical with or without it)."""
-    root = tmp_path_factory.mktemp("distill")
+    root = module_tmp("distill")
     distill.main([str(a) for a in distill_flags(teacher_runs, root / "one", "--batch-size", 4)])
     torchrun("distill.py", *distill_flags(teacher_runs, root / "shard", "--batch-size", 2, "--save-every", 1))
     return root

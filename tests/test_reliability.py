@@ -44,14 +44,14 @@ def final_weights(out):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer_dir):
+def tiny(module_tmp, tokenizer_dir):
     from conftest import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny", tokenizer_dir)
+    return make_tiny_model(module_tmp("m") / "tiny", tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def straight(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "run"
+def straight(tiny, module_tmp):
+    out = module_tmp("straight") / "run"
     r = run(sft_cmd(tiny, out))
     assert r.returncode == 0, r.stderr[-2000:]
     return out

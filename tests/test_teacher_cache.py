@@ -24,8 +24,8 @@ SIZES = ["--train-size", "8", "--max-len", "96"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tokenizer_dir):
-    return make_teacher_runs(tmp_path_factory.mktemp("runs"), tokenizer_dir)
+def runs(module_tmp, tokenizer_dir):
+    return make_teacher_runs(module_tmp("runs"), tokenizer_dir)
 
 
 def argv(runs, out, *extra):
