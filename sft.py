@@ -378,7 +378,8 @@ def prepare_out_dir(out, config: dict, resume: bool, overwrite: bool, free=RESUM
         raise UserError(f"--resume: {out} holds no run to resume")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".tmp-*"):  # what a killed run was writing: never complete, never listed
+        # what a killed run was writing, here or in a subdir (resume/, aw_anchor/): never complete, never listed
+        for tmp in [*out.glob(".tmp-*"), *out.glob("*/.tmp-*")]:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         if not (resume and saved.exists()):
             atomic_write_text(saved, json.dumps(config, indent=2) + "\n")

@@ -126,6 +126,26 @@ def test_out_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path):
         run_sft(tiny_model_dir, tmp_path / "run", "--max-steps", "1", "--resume", "--lr", "0.1")
 
 
+def test_resume_sweeps_what_a_killed_run_was_writing(tmp_path):
+    """A kill -9 mid-save leaves a .tmp-* dir beside the checkpoints (out/, or out/resume/ in distill.py); the next
+    --resume removes every one and leaves complete checkpoints and other files alone."""
+    out = tmp_path / "run"
+    config = {"lr": 0.1}
+    sft.prepare_out_dir(out, config, resume=False, overwrite=False)
+    stale = [out / ".tmp-step_000004-ab12", out / "resume" / ".tmp-step_000002-cd34", out / "aw_anchor" / ".tmp-x"]
+    for path in stale:
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "model.safetensors").write_bytes(b"half")
+    (out / ".tmp-config.json-ef56").write_text("{")
+    kept = [out / "resume" / "step_000002" / "meta.json", out / "metrics.jsonl"]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    sft.prepare_out_dir(out, config, resume=True, overwrite=False)
+    assert not [p for p in out.rglob(".tmp-*")]
+    assert all(p.read_text() == "{}" for p in kept)
+
+
 # every flag that changes what the run computes, with a value other than run_sft's
 RESULT_FLAGS = {"lr": "0.1", "warmup": "0.2", "weight_decay": "0.1", "max_steps": "2", "seed": "1",
                 "grad_accum": "2", "batch_size": "2", "max_len": "128", "train_size": "12", "val_size": "2",
