@@ -192,6 +192,21 @@ def example_counts(rows: list[dict]) -> np.ndarray:
     return out
 
 
+def answer_diagnostics(rows: list[dict]) -> dict | None:
+    """Where an entity task's errors come from: precision, recall, the mentions predicted and gold, the predicted
+    lines that repeat a mention the same answer already gave (greedy decoding looping until its token limit; each is
+    a false positive unless the gold lists that mention as often), and the F1 with those repeats dropped, every
+    answer read as a set. None for a label or exact-match task."""
+    if not rows or not isinstance(rows[0]["gold"], list):
+        return None
+    tp, n_pred, n_gold = (int(v) for v in example_counts(rows).sum(0))
+    once = [{**r, "pred": list(dict.fromkeys(map(tuple, r["pred"])))} for r in rows]
+    once_sums = example_counts(once).sum(0)
+    return {"precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_gold if n_gold else 0.0,
+            "n_pred": n_pred, "n_gold": n_gold, "repeated": n_pred - int(once_sums[1]),
+            "f1_without_repeats": float(f1_of_sums(once_sums))}
+
+
 def f1_of_sums(sums: np.ndarray) -> np.ndarray:
     """data.prf's F1 over the last axis (tp, n_pred, n_gold), vectorised over resamples."""
     tp, n_pred, n_gold = (sums[..., i].astype(float) for i in range(3))
@@ -222,10 +237,12 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int 
             "lo": float(np.percentile(pooled, 2.5)), "hi": float(np.percentile(pooled, 97.5))}
 
 
-def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict, variants: list[str]) -> dict:
+def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict,
+            variants: list[str]) -> tuple[dict, dict]:
     """Write root/predictions/<model>[_s<seed>].jsonl for every evaluated model, and bootstrap every distilled
-    variant (and the SFT student) against TD and against the SFT student, paired over the test examples."""
-    counts, ids = {}, None
+    variant (and the SFT student) against TD and against the SFT student, paired over the test examples. Returns
+    the intervals, and answer_diagnostics per model and seed (empty for a label task)."""
+    counts, diagnostics, ids = {}, {}, None
     for key, paths in eval_files.items():
         counts[key] = []
         for seed, path in zip(seeds, paths):
@@ -237,12 +254,14 @@ def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict
             name = key if len(paths) == 1 and key != "student_sft" and key not in variants else f"{key}_s{seed}"
             atomic_write_text(root / "predictions" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             counts[key].append(example_counts(rows))
+            if (d := answer_diagnostics(rows)) is not None:
+                diagnostics.setdefault(key, []).append(d)
     out = {}
     for ref in ("td", "student_sft"):
         for key in ["student_sft", *variants]:
             if key != ref and len(counts.get(key, [])) == len(counts.get(ref, [])) == len(seeds):
                 out[f"{key} - {ref}"] = paired_bootstrap(counts[key], counts[ref])
-    return out
+    return out, diagnostics
 
 
 def mean_std(values: list[float]) -> str:
@@ -374,6 +393,22 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
             verdict = "yes, better" if b["lo"] > 0 else "yes, worse" if b["hi"] < 0 else "no"
             lines.append(f"| {names.get(a, a)} − {names.get(ref, ref)} | {b['diff']:+.4f} [{b['lo']:+.4f}, "
                          f"{b['hi']:+.4f}] | {per} | {verdict} |")
+    if results.get("diagnostics"):
+        n_gold = next(iter(results["diagnostics"].values()))[0]["n_gold"]
+        lines += ["", f"## Where the errors come from (mean over seeds; {n_gold} gold mentions)", "",
+                  "Precision and recall of the mentions; the mentions predicted; the predicted lines that repeat a "
+                  "mention the same answer already gave (greedy decoding looping until its token limit: each is a "
+                  "false positive unless the gold lists that mention as often); and the F1 with those repeats "
+                  f"dropped, every answer read as a set. The {metric} above counts every repeat, as the paper's "
+                  "metric does.", "",
+                  "| model | precision | recall | predicted | repeated | F1 without repeats |",
+                  "|---|---|---|---|---|---|"]
+        for label, key in rows:
+            ds = results["diagnostics"].get(key)
+            if ds:
+                avg = {k: statistics.mean(d[k] for d in ds) for k in ds[0]}
+                lines.append(f"| {label} | {avg['precision']:.4f} | {avg['recall']:.4f} | {avg['n_pred']:.0f} | "
+                             f"{avg['repeated']:.0f} | {avg['f1_without_repeats']:.4f} |")
     if results.get("lr_search"):
         lines += ["", "## Learning-rate search (seed %d, validation %s)" % (seeds[0], metric), ""]
         for start, r in results["lr_search"].items():
@@ -647,7 +682,8 @@ def main(argv=None):
                 sides[key] = side_losses(model_dir, split, items, tok.pad_id, device, args.dtype)
                 atomic_write_text(sides_path, json.dumps(sides, indent=2) + "\n")
 
-    results["intervals"] = compare(root, args.task, args.kind, seeds, eval_files, args.variants)
+    results["intervals"], results["diagnostics"] = compare(root, args.task, args.kind, seeds, eval_files,
+                                                           args.variants)
     results["lr_search"] = lr_search
     note = plot_schedule(root, seeds[0], args.variants, root / "schedule.png")
     write_report(root, args, seeds, results, timer.times, sides, split, note, command)

@@ -68,6 +68,12 @@ def test_quick_experiment_report(tmp_path, models_dir):
     b = res["intervals"]["scd_aw - student_sft"]  # this report has no TD to compare against
     assert b["lo"] <= b["diff"] <= b["hi"] and len(b["per_seed"]) == 1 and "scd_aw - td" not in res["intervals"]
     assert "## Paired bootstrap" in md and res["lr_search"]["base"]["chosen"] in ("0.001", "0.003")
+    # where the errors come from, per model and seed, from the same predictions the metric scored
+    d = res["diagnostics"]["scd_aw"]
+    scored = json.loads((root / "scd_aw_s0" / "final" / "eval_ncbi_disease_test.json").read_text())  # evaluate.py's
+    assert len(d) == 1 and (d[0]["precision"], d[0]["recall"], d[0]["n_pred"], d[0]["n_gold"]) == pytest.approx(
+        (scored["precision"], scored["recall"], scored["n_pred"], scored["n_gold"]))
+    assert "## Where the errors come from" in md and "| SCD+AW from SFT | " in md.split("## Where the errors")[1]
 
     # beyond the paper: the dynamic AW anchor and forward-only SCD, with the SFS/TFS loss after every stage
     beyond = ["scd_aw_dynamic", "scd_aw_forward"]
@@ -113,6 +119,23 @@ def test_example_counts_give_the_metrics_f1():
     assert float(experiment.f1_of_sums(counts.sum(0))) == pytest.approx(data.entity_scores(golds, preds)["main"])
     labels = [{"id": "a", "gold": "yes", "pred": "yes"}, {"id": "b", "gold": "no", "pred": "yes"}]
     assert float(experiment.f1_of_sums(experiment.example_counts(labels).sum(0))) == 0.5  # accuracy
+
+
+def test_answer_diagnostics_split_repeats_from_the_rest():
+    import data
+    golds = [[["flu", "Disease"], ["flu", "Disease"]], [["fever", "Disease"]], [], [["cancer", "Disease"]]]
+    preds = [[["flu", "Disease"]] * 3,  # the gold has flu twice: 2 tp, 1 fp; read as a set: 1 tp
+             [["fever", "Disease"], ["cold", "Disease"], ["cold", "Disease"], ["cold", "Disease"]],  # 1 tp, 3 fp
+             [["cold", "Disease"]], []]
+    d = experiment.answer_diagnostics(ner_rows(golds, preds))
+    want = data.entity_scores(golds, preds)  # the metric itself, counting every repeat
+    assert (d["precision"], d["recall"], d["n_pred"], d["n_gold"]) == pytest.approx(
+        (want["precision"], want["recall"], want["n_pred"], want["n_gold"]))
+    assert (d["n_pred"], d["n_gold"], d["repeated"]) == (8, 4, 4)  # 2 more flu, 2 more cold
+    once = [list(dict.fromkeys(map(tuple, p))) for p in preds]  # by hand: flu / fever, cold / cold / -
+    assert d["f1_without_repeats"] == pytest.approx(data.entity_scores(golds, once)["main"])
+    assert d["f1_without_repeats"] == pytest.approx(2 * (2 / 4) * (2 / 4) / (2 / 4 + 2 / 4))  # tp 2 of 4 and 4
+    assert experiment.answer_diagnostics([{"id": "a", "gold": "yes", "pred": "no"}]) is None
 
 
 def test_paired_bootstrap():
