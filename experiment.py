@@ -240,8 +240,9 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int 
 def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict,
             variants: list[str]) -> tuple[dict, dict]:
     """Write root/predictions/<model>[_s<seed>].jsonl for every evaluated model, and bootstrap every distilled
-    variant (and the SFT student) against TD and against the SFT student, paired over the test examples. Returns
-    the intervals, and answer_diagnostics per model and seed (empty for a label task)."""
+    variant (and the SFT student) against TD and against the SFT student, and each variant started from the SFT
+    student against TD from it, paired over the test examples. Returns the intervals, and answer_diagnostics per
+    model and seed (empty for a label task)."""
     counts, diagnostics, ids = {}, {}, None
     for key, paths in eval_files.items():
         counts[key] = []
@@ -257,8 +258,10 @@ def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict
             if (d := answer_diagnostics(rows)) is not None:
                 diagnostics.setdefault(key, []).append(d)
     out = {}
-    for ref in ("td", "student_sft"):
+    for ref in ("td", "student_sft", "td_from_sft"):  # a variant started from the SFT student also meets TD from it
         for key in ["student_sft", *variants]:
+            if ref == "td_from_sft" and not key.endswith("_from_sft"):
+                continue
             if key != ref and len(counts.get(key, [])) == len(counts.get(ref, [])) == len(seeds):
                 out[f"{key} - {ref}"] = paired_bootstrap(counts[key], counts[ref])
     return out, diagnostics

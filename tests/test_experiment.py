@@ -138,6 +138,33 @@ def test_answer_diagnostics_split_repeats_from_the_rest():
     assert experiment.answer_diagnostics([{"id": "a", "gold": "yes", "pred": "no"}]) is None
 
 
+def test_compare_pairs_every_variant_with_its_references(tmp_path):
+    """Against TD and the SFT student always; a variant started from the SFT student also against TD from it, the
+    comparison the paper makes at one starting point. Predictions go out one file per model and seed."""
+    import data
+    golds, none = [[["flu", "Disease"]], [["fever", "Disease"]], []], data.NO_ENTITIES
+    answers = {"student_sft": ["flu", none, none], "td": ["flu", "fever", "cold"], "scd_aw": [none, "fever", none],
+               "td_from_sft": ["flu", "fever", none], "scd_aw_from_sft": ["flu\nflu", "fever", none]}
+    eval_files = {}
+    for key, texts in answers.items():
+        path = tmp_path / "evals" / f"{key}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("{}")
+        rows = [{"id": str(i), "prediction": t, "gold": g} for i, (t, g) in enumerate(zip(texts, golds))]
+        path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        eval_files[key] = [path]
+    variants = ["td", "scd_aw", "td_from_sft", "scd_aw_from_sft"]
+    intervals, diagnostics = experiment.compare(tmp_path, "ncbi_disease", "entities", [0], eval_files, variants)
+    assert set(intervals) == {"student_sft - td", "scd_aw - td", "td_from_sft - td", "scd_aw_from_sft - td",
+                              "td - student_sft", "scd_aw - student_sft", "td_from_sft - student_sft",
+                              "scd_aw_from_sft - student_sft", "scd_aw_from_sft - td_from_sft"}
+    # by hand: td_from_sft is perfect (F1 1); scd_aw_from_sft repeats flu once (tp 2 of 3 predicted, 2 gold: F1 0.8)
+    assert intervals["scd_aw_from_sft - td_from_sft"]["diff"] == pytest.approx(0.8 - 1.0)
+    assert diagnostics["scd_aw_from_sft"][0]["repeated"] == 1
+    assert diagnostics["scd_aw_from_sft"][0]["f1_without_repeats"] == pytest.approx(1.0)
+    assert {p.name for p in (tmp_path / "predictions").iterdir()} == {f"{k}_s0.jsonl" for k in answers}
+
+
 def test_paired_bootstrap():
     rng = np.random.default_rng(1)
     n = 300
