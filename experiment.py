@@ -200,11 +200,11 @@ def answer_diagnostics(rows: list[dict]) -> dict | None:
     if not rows or not isinstance(rows[0]["gold"], list):
         return None
     tp, n_pred, n_gold = (int(v) for v in example_counts(rows).sum(0))
+    precision, recall, _ = data.prf(tp, n_pred, n_gold)
     once = [{**r, "pred": list(dict.fromkeys(map(tuple, r["pred"])))} for r in rows]
     once_sums = example_counts(once).sum(0)
-    return {"precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_gold if n_gold else 0.0,
-            "n_pred": n_pred, "n_gold": n_gold, "repeated": n_pred - int(once_sums[1]),
-            "f1_without_repeats": float(f1_of_sums(once_sums))}
+    return {"precision": precision, "recall": recall, "n_pred": n_pred, "n_gold": n_gold,
+            "repeated": n_pred - int(once_sums[1]), "f1_without_repeats": float(f1_of_sums(once_sums))}
 
 
 def f1_of_sums(sums: np.ndarray) -> np.ndarray:
