@@ -62,13 +62,14 @@ VARIANTS = {  # name -> (label, distill.py flags)
     "scd_aw": ("SCD+AW", ["--schedule", "scd", "--aw"]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)  # each distils the base student; NAME_from_sft starts from the SFT student
-VARIANTS.update({  # beyond the paper (issue #16), run only when named in --variants
+BEYOND = {  # beyond the paper (issue #16): SCD+AW with one choice changed, run only when named in --variants
     "scd_aw_spread": ("SCD+AW, metrics / spread", ["--schedule", "scd", "--aw", "--metric-balance", "spread"]),
     "scd_aw_forward": ("SCD+AW, forward only", ["--schedule", "scd", "--aw", "--forward-only"]),
     "scd_aw_dynamic": ("SCD+AW, dynamic anchor", ["--schedule", "scd", "--aw", "--aw-anchor", "current"]),
     **{f"scd_aw_c{n}": (f"SCD+AW, {n} candidates", ["--schedule", "scd", "--aw", "--candidates", str(n)])
        for n in (3, 5, 10, 20)},
-})
+}
+VARIANTS.update(BEYOND)
 VARIANTS.update({f"{k}_from_sft": (f"{label} from SFT", flags) for k, (label, flags) in VARIANTS.items()})
 # variants whose teacher changes by stage -> their line style in the schedule plot
 SCHEDULED = {"scd": "o-", "cd": "s--", "scd_aw": "^:",
@@ -237,11 +238,19 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int 
             "lo": float(np.percentile(pooled, 2.5)), "hi": float(np.percentile(pooled, 97.5))}
 
 
+def paper_variant(variant: str) -> str | None:
+    """The paper's SCD+AW from the same start, for a beyond-the-paper variant (None for any other)."""
+    if variant.removesuffix("_from_sft") not in BEYOND:
+        return None
+    return "scd_aw_from_sft" if variant.endswith("_from_sft") else "scd_aw"
+
+
 def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict,
             variants: list[str]) -> tuple[dict, dict]:
     """Write root/predictions/<model>[_s<seed>].jsonl for every evaluated model, and bootstrap every distilled
     variant (and the SFT student) against TD and against the SFT student, and each variant started from the SFT
-    student against TD from it, paired over the test examples. Returns the intervals, and answer_diagnostics per
+    student against TD from it, and each beyond-the-paper variant against the paper's SCD+AW from the same start,
+    paired over the test examples. Returns the intervals, and answer_diagnostics per
     model and seed (empty for a label task)."""
     counts, diagnostics, ids = {}, {}, None
     for key, paths in eval_files.items():
@@ -258,9 +267,11 @@ def compare(root: Path, task: str, kind: str, seeds: list[int], eval_files: dict
             if (d := answer_diagnostics(rows)) is not None:
                 diagnostics.setdefault(key, []).append(d)
     out = {}
-    for ref in ("td", "student_sft", "td_from_sft"):  # a variant started from the SFT student also meets TD from it
+    for ref in ("td", "student_sft", "td_from_sft", "scd_aw", "scd_aw_from_sft"):
         for key in ["student_sft", *variants]:
-            if ref == "td_from_sft" and not key.endswith("_from_sft"):
+            if ref == "td_from_sft" and not key.endswith("_from_sft"):  # a variant from the SFT student meets TD from it
+                continue
+            if ref.startswith("scd_aw") and paper_variant(key) != ref:  # one changed choice meets the paper's SCD+AW
                 continue
             if key != ref and len(counts.get(key, [])) == len(counts.get(ref, [])) == len(seeds):
                 out[f"{key} - {ref}"] = paired_bootstrap(counts[key], counts[ref])
@@ -362,6 +373,72 @@ def stage_sides(root: Path, seed: int, variants: list[str], png: Path) -> list[s
     return lines
 
 
+def granularity(root: Path, variants: list[str], main: dict) -> list[dict]:
+    """SCD+AW's test score against its number of candidate checkpoints (the scd_aw_cN variants, and scd_aw itself
+    with every checkpoint of the teacher run), with the disk the candidates take: N teacher checkpoints."""
+    index = sft.read_checkpoint_index(root / "teacher")
+    ckpt_bytes = sum(f.stat().st_size for f in (root / "teacher" / sft.checkpoint_name(index["final"])).iterdir()
+                     if f.suffix == ".safetensors")
+    out = []
+    for v in variants:
+        flags = VARIANTS[v][1]
+        if v.endswith("_from_sft") or not (v == "scd_aw" or "--candidates" in flags) or not main.get(v):
+            continue
+        n = int(flags[flags.index("--candidates") + 1]) if "--candidates" in flags else len(index["steps"])
+        out.append({"variant": v, "candidates": n, "storage_gib": n * ckpt_bytes / 2**30, "scores": main[v]})
+    return sorted(out, key=lambda r: r["candidates"]) if len(out) > 1 else []
+
+
+def beyond_section(root: Path, seed: int, variants: list[str], results: dict, metric: str) -> list[str]:
+    """Report lines for the beyond-the-paper variants: each against the paper's SCD+AW from the same start, the
+    schedule it walked, and the granularity curve. Nothing when none ran."""
+    beyond = [v for v in variants if paper_variant(v)]
+    if not beyond:
+        return []
+    lines = ["", "## Beyond the paper: one choice of SCD+AW changed at a time", "",
+             f"Each row is the paper's SCD+AW with one flag changed; the difference is to SCD+AW from the same start "
+             f"(paired bootstrap as above; pooled over the seeds run). Schedule: seed {seed}.", "",
+             f"| variant | flag | {metric} | − SCD+AW [95 % interval] | beyond the interval? | checkpoints chosen |",
+             "|---|---|---|---|---|---|"]
+    paper_flags = VARIANTS["scd_aw"][1]
+    for v in beyond:
+        flags = VARIANTS[v][1]
+        changed = " ".join(f for k, f in enumerate(flags) if k >= len(paper_flags) or f != paper_flags[k])
+        b = results.get("intervals", {}).get(f"{v} - {paper_variant(v)}")
+        diff = "-" if b is None else f"{b['diff']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}]"
+        verdict = "-" if b is None else "yes, better" if b["lo"] > 0 else "yes, worse" if b["hi"] < 0 else "no"
+        path = root / f"{v}_s{seed}" / "schedule.jsonl"
+        chosen = [json.loads(line)["chosen"] for line in path.read_text().splitlines()] if path.exists() else []
+        lines.append(f"| {VARIANTS[v][0]} | `{changed}` | {mean_std(results['main'].get(v, []))} | {diff} | "
+                     f"{verdict} | {chosen or '-'} |")
+    curve = results.get("granularity", [])
+    if len(curve) > 1:
+        lines += ["", "### Granularity: candidate checkpoints against score and storage", "",
+                  "| candidates | variant | " + metric + " | checkpoint storage (GiB) |", "|---|---|---|---|"]
+        lines += [f"| {r['candidates']} | {VARIANTS[r['variant']][0]} | {mean_std(r['scores'])} | "
+                  f"{r['storage_gib']:.2f} |" for r in curve]
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            xs = [r["candidates"] for r in curve]
+            ax.errorbar(xs, [statistics.mean(r["scores"]) for r in curve],
+                        yerr=[statistics.stdev(r["scores"]) if len(r["scores"]) > 1 else 0 for r in curve], fmt="o-")
+            ax.set_xlabel("candidate teacher checkpoints")
+            ax.set_ylabel(f"test {metric}")
+            ax2 = ax.twinx()
+            ax2.plot(xs, [r["storage_gib"] for r in curve], "s--", color="gray")
+            ax2.set_ylabel("checkpoint storage, GiB (grey)")
+            fig.tight_layout()
+            fig.savefig(root / "granularity.png", dpi=120)
+            plt.close(fig)
+            lines += ["", "![score and storage against candidate checkpoints](granularity.png)"]
+        except ImportError:
+            lines += ["", "matplotlib is not installed, so there is no plot (pip install matplotlib)."]
+    return lines
+
+
 def write_report(root: Path, args, seeds: list[int], results: dict, timings: dict, sides: dict, split: dict | None,
                  note: str, command: str):
     metric = {"choices": "accuracy", "entities": "entity F1", "exact": "exact match"}[args.kind]
@@ -435,6 +512,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
             fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
             lines.append(f"| {label} | {fmt(s['sfs'])} | {fmt(d['sfs'])} | {fmt(s['tfs'])} | {fmt(d['tfs'])} |")
     lines += stage_sides(root, seeds[0], args.variants, root / "stage_sides.png")
+    lines += beyond_section(root, seeds[0], args.variants, results, metric)
     lines += ["", "## Schedule", ""]
     lines += [note] if note else ["![teacher checkpoint per stage](schedule.png)"]
     for name in SCHEDULED:
@@ -688,6 +766,7 @@ def main(argv=None):
     results["intervals"], results["diagnostics"] = compare(root, args.task, args.kind, seeds, eval_files,
                                                            args.variants)
     results["lr_search"] = lr_search
+    results["granularity"] = granularity(root, args.variants, results["main"])
     note = plot_schedule(root, seeds[0], args.variants, root / "schedule.png")
     write_report(root, args, seeds, results, timer.times, sides, split, note, command)
     print((root / "results.md").read_text())

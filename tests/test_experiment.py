@@ -75,11 +75,27 @@ def test_quick_experiment_report(tmp_path, models_dir):
         (scored["precision"], scored["recall"], scored["n_pred"], scored["n_gold"]))
     assert "## Where the errors come from" in md and "| SCD+AW from SFT | " in md.split("## Where the errors")[1]
 
-    # beyond the paper: the dynamic AW anchor and forward-only SCD, with the SFS/TFS loss after every stage
-    beyond = ["scd_aw_dynamic", "scd_aw_forward"]
-    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", ",".join(beyond),
-                     "--stage-sides"])
+    # beyond the paper: the dynamic AW anchor, forward-only SCD and 3 candidates, with the SFS/TFS loss after every
+    # stage, each against the paper's SCD+AW (reused from above)
+    beyond = ["scd_aw_dynamic", "scd_aw_forward", "scd_aw_c3"]
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants",
+                     ",".join(["scd_aw", *beyond]), "--stage-sides"])
     md = (root / "results.md").read_text()
+    res = json.loads((root / "results.json").read_text())
+    section = md.split("## Beyond the paper")[1].split("\n## ")[0]
+    for v in beyond:
+        b = res["intervals"][f"{v} - scd_aw"]
+        chosen = [json.loads(s)["chosen"] for s in (root / f"{v}_s0" / "schedule.jsonl").read_text().splitlines()]
+        assert f"| {b['diff']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}] |" in section and f"| {chosen} |" in section
+    assert "`--forward-only`" in section and "`--aw-anchor current`" in section
+    # the granularity curve: 3 candidates against all 4 of the quick teacher's checkpoints, storage N checkpoints
+    steps = json.loads((root / "teacher" / "checkpoints.json").read_text())["steps"]
+    final = root / "teacher" / f"step_{steps[-1]:06d}"
+    gib = sum(f.stat().st_size for f in final.glob("*.safetensors")) / 2**30
+    assert [(r["variant"], r["candidates"], r["scores"]) for r in res["granularity"]] == [
+        ("scd_aw_c3", 3, res["main"]["scd_aw_c3"]), ("scd_aw", len(steps), res["main"]["scd_aw"])]
+    assert [r["storage_gib"] for r in res["granularity"]] == pytest.approx([3 * gib, len(steps) * gib])
+    assert "### Granularity" in section and (root / "granularity.png").exists()
     assert "## SFS / TFS loss after every stage (seed 0)" in md
     split = experiment.weights.final_split(json.loads((root / "weights_s0" / "sfs_tfs.json").read_text()))
     for v in beyond:
@@ -144,7 +160,8 @@ def test_compare_pairs_every_variant_with_its_references(tmp_path):
     import data
     golds, none = [[["flu", "Disease"]], [["fever", "Disease"]], []], data.NO_ENTITIES
     answers = {"student_sft": ["flu", none, none], "td": ["flu", "fever", "cold"], "scd_aw": [none, "fever", none],
-               "td_from_sft": ["flu", "fever", none], "scd_aw_from_sft": ["flu\nflu", "fever", none]}
+               "td_from_sft": ["flu", "fever", none], "scd_aw_from_sft": ["flu\nflu", "fever", none],
+               "scd_aw_forward": ["flu", "fever", "cold"], "scd_aw_spread_from_sft": ["flu\nflu", "fever", none]}
     eval_files = {}
     for key, texts in answers.items():
         path = tmp_path / "evals" / f"{key}.json"
@@ -153,13 +170,21 @@ def test_compare_pairs_every_variant_with_its_references(tmp_path):
         rows = [{"id": str(i), "prediction": t, "gold": g} for i, (t, g) in enumerate(zip(texts, golds))]
         path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         eval_files[key] = [path]
-    variants = ["td", "scd_aw", "td_from_sft", "scd_aw_from_sft"]
+    variants = ["td", "scd_aw", "td_from_sft", "scd_aw_from_sft", "scd_aw_forward", "scd_aw_spread_from_sft"]
     intervals, diagnostics = experiment.compare(tmp_path, "ncbi_disease", "entities", [0], eval_files, variants)
-    assert set(intervals) == {"student_sft - td", "scd_aw - td", "td_from_sft - td", "scd_aw_from_sft - td",
-                              "td - student_sft", "scd_aw - student_sft", "td_from_sft - student_sft",
-                              "scd_aw_from_sft - student_sft", "scd_aw_from_sft - td_from_sft"}
+    paper = {"student_sft - td", "scd_aw - td", "td_from_sft - td", "scd_aw_from_sft - td", "td - student_sft",
+             "scd_aw - student_sft", "td_from_sft - student_sft", "scd_aw_from_sft - student_sft",
+             "scd_aw_from_sft - td_from_sft"}
+    # a beyond-the-paper variant also meets the paper's SCD+AW from its own start
+    assert set(intervals) == paper | {"scd_aw_forward - td", "scd_aw_forward - student_sft", "scd_aw_forward - scd_aw",
+                                      "scd_aw_spread_from_sft - td", "scd_aw_spread_from_sft - student_sft",
+                                      "scd_aw_spread_from_sft - td_from_sft",
+                                      "scd_aw_spread_from_sft - scd_aw_from_sft"}
     # by hand: td_from_sft is perfect (F1 1); scd_aw_from_sft repeats flu once (tp 2 of 3 predicted, 2 gold: F1 0.8)
     assert intervals["scd_aw_from_sft - td_from_sft"]["diff"] == pytest.approx(0.8 - 1.0)
+    # scd_aw finds fever only (P 1, R 1/2: F1 2/3); scd_aw_forward finds both and one spurious cold (F1 0.8)
+    assert intervals["scd_aw_forward - scd_aw"]["diff"] == pytest.approx(0.8 - 2 / 3)
+    assert intervals["scd_aw_spread_from_sft - scd_aw_from_sft"]["diff"] == pytest.approx(0.0)  # same answers
     assert diagnostics["scd_aw_from_sft"][0]["repeated"] == 1
     assert diagnostics["scd_aw_from_sft"][0]["f1_without_repeats"] == pytest.approx(1.0)
     assert {p.name for p in (tmp_path / "predictions").iterdir()} == {f"{k}_s0.jsonl" for k in answers}
