@@ -32,6 +32,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -48,6 +49,7 @@ import evaluate
 import heal
 import prepare
 import runtime
+import schedule
 import sft
 import teacher_cache
 import weights
@@ -91,6 +93,7 @@ QUICK_SIZES = {"train_size": 16, "max_len": 128}  # as in the quick flags above
 QUICK_MAX_NEW = 8  # the quick preset's generation cap, for tasks that generate their answers
 QUICK_DISTILL = ["--stages", "2"]
 QUICK_PROBE = ["--probe-size", "8"]  # SCD variants only
+PROBE_SIZE = 32  # distill.py's default --probe-size
 QUICK_TEACHER = ["--save-every", "2", "--lr", "3e-3"]
 QUICK_STUDENT = ["--lr", "3e-3"]
 
@@ -389,6 +392,62 @@ def granularity(root: Path, variants: list[str], main: dict) -> list[dict]:
     return sorted(out, key=lambda r: r["candidates"]) if len(out) > 1 else []
 
 
+def footsteps(root: Path, args, runs: dict[str, Path], tok, sizes: dict, device) -> dict:
+    """Metric 1 (KL from the run's best checkpoint) and val loss per checkpoint of each spacing's teacher run, on
+    seed 0's probe set: how far apart the footsteps SCD can choose from are. Written to root/footsteps.json; the
+    probe log-probs behind it are deleted once it is."""
+    path = root / "footsteps.json"
+    out = read_json(path) if path.exists() else {}
+    if all(spacing in out for spacing in runs):
+        return {spacing: out[spacing] for spacing in runs}
+    sft_args = argparse.Namespace(task=args.task, data=args.data, data_dir=args.data_dir, metric=args.metric,
+                                  max_len=sizes["max_len"], refuse_long=False)
+    _, items = sft.load_split(tok, sft_args, "train", sizes["train_size"])
+    probe = schedule.probe_items(items, int(QUICK_PROBE[1] if args.quick else PROBE_SIZE), 0)
+    for spacing, run in runs.items():
+        if spacing in out:
+            continue
+        index, checkpoints = sft.read_checkpoint_index(run), sft.list_checkpoints(run)
+        cache = schedule.ProbeCache(root / "footsteps_probe", probe, checkpoints, args.dtype, device, tok.files)
+        best = cache.build(tok.pad_id, args.eval_batch_size).load(index["best"])
+        out[spacing] = {"run": str(run), "best": index["best"], "final": index["final"], "checkpoints": [
+            {"step": step, "metric1": schedule.metric1(best, cache.load(step)),
+             "val_loss": read_json(ckpt / "meta.json").get("val_loss")} for step, ckpt in checkpoints]}
+        atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+        shutil.rmtree(cache.dir)
+    return {spacing: out[spacing] for spacing in runs}
+
+
+def footsteps_section(root: Path, steps: dict) -> list[str]:
+    """Report lines for footsteps(): a table per spacing and one plot."""
+    if not steps:
+        return []
+    lines = ["", "## Where the footsteps are: Metric 1 per teacher checkpoint, by spacing", "",
+             "Metric 1 = KL(p_best ‖ p_c) on seed 0's probe set, each run against its own best (lowest val loss) "
+             "checkpoint, as SCD computes it. The same teacher training (seed, data, lr) saved at other steps.", ""]
+    for spacing, r in steps.items():
+        lines += [f"- {spacing} ({len(r['checkpoints'])} checkpoints, best {r['best']}): " + ", ".join(
+            f"{c['step']}: {c['metric1']:.3f}" for c in r["checkpoints"])]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        for spacing, r in steps.items():
+            ax.plot([c["step"] for c in r["checkpoints"]], [c["metric1"] for c in r["checkpoints"]], "o-",
+                    label=spacing)
+        ax.set_xlabel("teacher step")
+        ax.set_ylabel("Metric 1 (nats)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(root / "footsteps.png", dpi=120)
+        plt.close(fig)
+        lines += ["", "![Metric 1 per checkpoint, by spacing](footsteps.png)"]
+    except ImportError:
+        lines += ["", "matplotlib is not installed, so there is no plot (pip install matplotlib)."]
+    return lines
+
+
 def beyond_section(root: Path, seed: int, variants: list[str], results: dict, metric: str) -> list[str]:
     """Report lines for the beyond-the-paper variants: each against the paper's SCD+AW from the same start, the
     schedule it walked, and the granularity curve. Nothing when none ran."""
@@ -513,6 +572,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
             lines.append(f"| {label} | {fmt(s['sfs'])} | {fmt(d['sfs'])} | {fmt(s['tfs'])} | {fmt(d['tfs'])} |")
     lines += stage_sides(root, seeds[0], args.variants, root / "stage_sides.png")
     lines += beyond_section(root, seeds[0], args.variants, results, metric)
+    lines += footsteps_section(root, results.get("footsteps", {}))
     lines += ["", "## Schedule", ""]
     lines += [note] if note else ["![teacher checkpoint per stage](schedule.png)"]
     for name in SCHEDULED:
@@ -563,6 +623,10 @@ def main(argv=None):
     p.add_argument("--teacher-checkpoints", type=int, default=None,
                    help="checkpoints the teacher SFT saves (sft.py --checkpoints; default its 10); 20 lets the "
                         "scd_aw_c3..c20 variants all be subsets of one teacher run")
+    p.add_argument("--spacings", default="",
+                   help="also train the teacher with these checkpoint spacings (sft.py --spacing; comma-separated "
+                        "from geometric,val_loss) into OUT/TASK/teacher_<spacing>, and report Metric 1 per checkpoint "
+                        "of each beside the main, evenly spaced teacher's")
     p.add_argument("--teacher-cache", choices=["exact", "topk", "none"], default="exact",
                    help="distil from the teacher checkpoints' log-probs, computed once per teacher into "
                         "OUT/TASK/teacher_cache (teacher_cache.py), or 'none': every run forwards its teacher")
@@ -575,6 +639,10 @@ def main(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or args.seeds < 1:
         raise UserError(f"--variants {unknown[0]!r}: unknown" if unknown else "--seeds must be at least 1")
+    args.spacings = [x for x in args.spacings.split(",") if x]
+    bad = [x for x in args.spacings if x not in sft.SPACINGS or x == "even"]
+    if bad:
+        raise UserError(f"--spacings {bad[0]!r}: expected geometric or val_loss (the main teacher is the even one)")
     if args.quick and args.teacher_checkpoints:
         raise UserError("--teacher-checkpoints: --quick's teacher saves every 2 steps; drop one of them")
     if args.teacher_checkpoints is not None and args.teacher_checkpoints < 1:
@@ -674,7 +742,7 @@ def main(argv=None):
     cache_flags = []
     if args.teacher_cache != "none":  # once per teacher; every variant and seed reads it
         cache_dir = root / "teacher_cache"
-        probe_size = QUICK_PROBE[QUICK_PROBE.index("--probe-size") + 1] if args.quick else "32"
+        probe_size = QUICK_PROBE[1] if args.quick else str(PROBE_SIZE)
         build = [teacher_cache.main, ["--teacher", str(teacher_run), "--out", str(cache_dir), "--tokenizer",
                                       str(models / "student"), "--form", args.teacher_cache, "--top-k",
                                       str(args.top_k), "--precision", args.cache_precision, "--seeds",
@@ -686,6 +754,19 @@ def main(argv=None):
         else:
             timer.run("teacher cache", *build)
         cache_flags = ["--teacher-cache", str(cache_dir)]
+
+    if args.spacings:  # the same teacher training, saved at other steps: how far apart are its footsteps?
+        runs = {"even": teacher_run}
+        for spacing in args.spacings:
+            runs[spacing] = root / f"teacher_{spacing}"
+            flags = run_flags(runs[spacing], sft_done(runs[spacing]), runs[spacing].exists()
+                              and sft.latest_resumable(runs[spacing]) is not None)
+            if flags is not None:
+                count = ["--checkpoints", str(args.teacher_checkpoints or len(index["steps"]))]
+                timer.run(f"teacher SFT {spacing}", sft.main, [
+                    "--role", "teacher", "--model", str(models / "teacher"), "--out", str(runs[spacing]), *common,
+                    *quick_eval, "--spacing", spacing, *count, *(QUICK_STUDENT if args.quick else []), *flags])
+        results["footsteps"] = footsteps(root, args, runs, data.load_tokenizer(models / "teacher"), sizes, device)
 
     sides, split, lr_search = {}, None, {}
     for seed in seeds:

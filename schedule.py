@@ -281,6 +281,7 @@ class ProbeCache:
         from safetensors.torch import load_file
         return load_file(str(self.file(step)))["logp"]
 
+
 def check_same_vocab(models: dict[str, Path]):
     """Refuse models whose vocab_size or tokenizer vocabulary differ from the first one's: the KD term and both
     metrics compare distributions token id by token id. `models` maps a name for the message to a model dir."""

@@ -10,7 +10,7 @@ import pytest
 import experiment
 
 
-def test_quick_experiment_report(tmp_path, models_dir):
+def test_quick_experiment_report(tmp_path, models_dir, capsys):
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir)])
     root = tmp_path / "ncbi_disease_quick"
     res = json.loads((root / "results.json").read_text())
@@ -114,6 +114,29 @@ def test_quick_experiment_report(tmp_path, models_dir):
     assert config["aw_anchor"] == "current" and config["inputs"]["student_sft"] is None
     assert (root / "scd_aw_dynamic_s0" / "aw_anchor" / "stage_01.safetensors").exists()
     assert json.loads((root / "scd_aw_forward_s0" / "config.json").read_text())["forward_only"] is True
+
+    # where the footsteps are: the same teacher training saved geometrically and by val-loss drop, Metric 1 of every
+    # checkpoint as schedule.py --metric1-only computes it on the same probe (seed 0's, 8 examples)
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td",
+                     "--spacings", "geometric,val_loss"])
+    res = json.loads((root / "results.json").read_text())
+    assert list(res["footsteps"]) == ["even", "geometric", "val_loss"]
+    import schedule
+    for spacing, r in res["footsteps"].items():
+        run = root / ("teacher" if spacing == "even" else f"teacher_{spacing}")
+        index = json.loads((run / "checkpoints.json").read_text())
+        assert [c["step"] for c in r["checkpoints"]] == index["steps"] and r["best"] == index["best"]
+        capsys.readouterr()
+        schedule.main(["--teacher", str(run), "--metric1-only", "--probe-cache", str(tmp_path / "m1"),
+                       "--probe-size", "8", "--train-size", "16", "--max-len", "128", "--dtype", "fp32"])
+        printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+        want = {int(w[0]): float(w[1]) for w in printed if w and w[0].isdigit()}
+        assert {c["step"]: c["metric1"] for c in r["checkpoints"]} == pytest.approx(want, abs=1e-4)
+        assert want[index["best"]] == 0.0
+    assert res["footsteps"]["geometric"]["checkpoints"] != res["footsteps"]["even"]["checkpoints"]
+    assert not (root / "footsteps_probe").exists() or not any((root / "footsteps_probe").iterdir())
+    md = (root / "results.md").read_text()
+    assert "## Where the footsteps are" in md and (root / "footsteps.png").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -292,3 +315,7 @@ def test_stale_settings_and_unhealed_student_are_refused(tmp_path, models_dir, t
     with pytest.raises(UserError, match="no heal.json.*--no-heal"):
         experiment.main(["--models", str(models), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x" / "ncbi_disease" / "teacher").exists()
+
+    for bad in ("even", "log"):  # the main teacher is the even one; log is no spacing
+        with pytest.raises(UserError, match=f"--spacings '{bad}': expected geometric or val_loss"):
+            experiment.main(["--quick", "--out", str(tmp_path / "y"), "--spacings", f"geometric,{bad}"])
