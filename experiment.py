@@ -169,6 +169,13 @@ def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_run: Pat
         out += ["--max-new-tokens", str(QUICK_MAX_NEW)]
     return out
 
+def prune_run(out: Path, keep_stages: bool):
+    """A finished distillation needs its resume state no more, and the report reads only final/, schedule.jsonl and
+    metrics.jsonl: drop resume/ and, unless asked to keep them, the stage_XX exports (one student copy each)."""
+    for d in [out / "resume", *([] if keep_stages else out.glob("stage_[0-9][0-9]"))]:
+        if d.is_dir():
+            shutil.rmtree(d)
+
 # -----------------------------------------------------------------------------
 # the report
 
@@ -623,6 +630,9 @@ def main(argv=None):
     p.add_argument("--teacher-checkpoints", type=int, default=None,
                    help="checkpoints the teacher SFT saves (sft.py --checkpoints; default its 10); 20 lets the "
                         "scd_aw_c3..c20 variants all be subsets of one teacher run")
+    p.add_argument("--keep-stages", action="store_true",
+                   help="keep every distillation's stage_XX exports (the student after each stage); by default a "
+                        "finished run keeps final/ only (its resume/ state always goes)")
     p.add_argument("--spacings", default="",
                    help="also train the teacher with these checkpoint spacings (sft.py --spacing; comma-separated "
                         "from geometric,val_loss) into OUT/TASK/teacher_<spacing>, and report Metric 1 per checkpoint "
@@ -805,6 +815,7 @@ def main(argv=None):
                     "--init", str(student_final if variant.endswith("_from_sft") else models / "student"),
                     "--variant", variant, "--out", str(out), "--eval-split", split, "--eval-size", str(size),
                     *cache_flags, *s_common, *(QUICK_DISTILL if args.quick else []), *extra, *flags])
+            prune_run(out, args.keep_stages)
             return read_json(out / "final" / f"eval_{args.task}_{split}.json")
 
         if seed == seeds[0]:  # the paper's learning-rate search: on TD, by validation score, shared by all methods

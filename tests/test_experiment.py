@@ -31,9 +31,10 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
         assert section in md
     for v in variants:
         assert f"| {experiment.VARIANTS[v][0]} |" in md
-    # each variant's distillation left its schedule and its final model
+    # each variant's distillation left its schedule and its final model, and no resume state or stage export
     for v in variants:
         assert (root / f"{v}_s0" / "final" / "model.safetensors").exists()
+        assert not [p.name for p in (root / f"{v}_s0").iterdir() if p.name == "resume" or p.name.startswith("stage_")]
         rows = [json.loads(s) for s in (root / f"{v}_s0" / "schedule.jsonl").read_text().splitlines()]
         assert [r["stage"] for r in rows] == [0, 1]
     # every distillation read the teacher cache, built once: no run forwarded a teacher for its probe
@@ -48,7 +49,9 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
 
     # a variant started from the SFT student: only it runs, from the seed's SFT checkpoint, beside the others
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir),
-                     "--variants", "scd_aw,scd_aw_from_sft"])
+                     "--variants", "scd_aw,scd_aw_from_sft", "--keep-stages"])
+    assert (root / "scd_aw_from_sft_s0" / "stage_00" / "model.safetensors").exists()  # kept when asked
+    assert not (root / "scd_aw_from_sft_s0" / "resume").exists()
     init = json.loads((root / "scd_aw_from_sft_s0" / "config.json").read_text())["init"]
     assert init == str(experiment.weights.student_sft_checkpoint(root / "student_s0"))
     assert json.loads((root / "scd_aw_s0" / "config.json").read_text())["init"].endswith("student")
