@@ -169,6 +169,7 @@ def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_run: Pat
         out += ["--max-new-tokens", str(QUICK_MAX_NEW)]
     return out
 
+
 def prune_run(out: Path, keep_stages: bool):
     """A finished distillation needs its resume state no more, and the report reads only final/, schedule.jsonl and
     metrics.jsonl: drop resume/ and, unless asked to keep them, the stage_XX exports (one student copy each)."""
@@ -426,7 +427,7 @@ def footsteps(root: Path, args, runs: dict[str, Path], tok, sizes: dict, device)
 
 
 def footsteps_section(root: Path, steps: dict) -> list[str]:
-    """Report lines for footsteps(): a table per spacing and one plot."""
+    """Report lines for footsteps(): Metric 1 per checkpoint, one line per spacing, and one plot of them."""
     if not steps:
         return []
     lines = ["", "## Where the footsteps are: Metric 1 per teacher checkpoint, by spacing", "",
