@@ -30,6 +30,7 @@ per stage, the SFS/TFS shares and how each variant moved the student's loss on e
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import shutil
@@ -245,8 +246,43 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int 
         per_seed.append({"diff": float(f1_of_sums(ca.sum(0)) - f1_of_sums(cb.sum(0))),
                          "lo": float(np.percentile(d, 2.5)), "hi": float(np.percentile(d, 97.5))})
     pooled = np.mean(draws, 0)
-    return {"per_seed": per_seed, "diff": float(np.mean([p["diff"] for p in per_seed])),
-            "lo": float(np.percentile(pooled, 2.5)), "hi": float(np.percentile(pooled, 97.5))}
+    out = {"per_seed": per_seed, "diff": float(np.mean([p["diff"] for p in per_seed])),
+           "lo": float(np.percentile(pooled, 2.5)), "hi": float(np.percentile(pooled, 97.5))}
+    if len(per_seed) > 1:  # training noise: how much the difference moves from one seed to the next
+        diffs = [p["diff"] for p in per_seed]
+        half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        out["seeds"] = {"lo": out["diff"] - half, "hi": out["diff"] + half, "df": len(diffs) - 1}
+    return out
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its CDF, integrated from its
+    density by Simpson's rule (no scipy here)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:  # 0.5 + the integral of the density over [0, x]
+        f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
+        h = x / n
+        return 0.5 + h / 3 * (f(0) + f(x) + sum((4 if k % 2 else 2) * f(k * h) for k in range(1, n)))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def verdict(b: dict) -> str:
+    """Whether a difference holds: beyond its test-sentence interval and, when seeds were run, beyond the seed
+    interval too (a gap that one seed shows and the next reverses is no finding)."""
+    sides = [(b["lo"], b["hi"])] + ([(b["seeds"]["lo"], b["seeds"]["hi"])] if "seeds" in b else [])
+    if all(lo > 0 for lo, _ in sides):
+        return "yes, better"
+    if all(hi < 0 for _, hi in sides):
+        return "yes, worse"
+    return "not over seeds" if b["lo"] > 0 or b["hi"] < 0 else "no"
 
 
 def paper_variant(variant: str) -> str | None:
@@ -465,19 +501,19 @@ def beyond_section(root: Path, seed: int, variants: list[str], results: dict, me
     lines = ["", "## Beyond the paper: one choice of SCD+AW changed at a time", "",
              f"Each row is the paper's SCD+AW with one flag changed; the difference is to SCD+AW from the same start "
              f"(paired bootstrap as above; pooled over the seeds run). Schedule: seed {seed}.", "",
-             f"| variant | flag | {metric} | − SCD+AW [95 % interval] | beyond the interval? | checkpoints chosen |",
+             f"| variant | flag | {metric} | − SCD+AW [95 % intervals] | beyond them? | checkpoints chosen |",
              "|---|---|---|---|---|---|"]
     paper_flags = VARIANTS["scd_aw"][1]
     for v in beyond:
         flags = VARIANTS[v][1]
         changed = " ".join(f for k, f in enumerate(flags) if k >= len(paper_flags) or f != paper_flags[k])
         b = results.get("intervals", {}).get(f"{v} - {paper_variant(v)}")
-        diff = "-" if b is None else f"{b['diff']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}]"
-        verdict = "-" if b is None else "yes, better" if b["lo"] > 0 else "yes, worse" if b["hi"] < 0 else "no"
+        diff = "-" if b is None else f"{b['diff']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}]" + (
+            f", seeds [{b['seeds']['lo']:+.4f}, {b['seeds']['hi']:+.4f}]" if "seeds" in b else "")
         path = root / f"{v}_s{seed}" / "schedule.jsonl"
         chosen = [json.loads(line)["chosen"] for line in path.read_text().splitlines()] if path.exists() else []
         lines.append(f"| {VARIANTS[v][0]} | `{changed}` | {mean_std(results['main'].get(v, []))} | {diff} | "
-                     f"{verdict} | {chosen or '-'} |")
+                     f"{'-' if b is None else verdict(b)} | {chosen or '-'} |")
     curve = results.get("granularity", [])
     if len(curve) > 1:
         lines += ["", "### Granularity: candidate checkpoints against score and storage", "",
@@ -530,16 +566,19 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
                   "", "Each resample draws the test examples with replacement (the same draw for both models and "
                   f"every seed) and recomputes the {metric} of both sides from the resampled counts; the interval is "
                   "the 2.5th-97.5th percentile of the difference. Pooled = the mean over seeds of the per-seed "
-                  "difference.", "",
-                  "| comparison | pooled difference [95 % interval] | per seed | beyond the interval? |",
-                  "|---|---|---|---|"]
+                  "difference. That interval holds the test examples' noise, not the training seed's: with several "
+                  "seeds, the seed interval is the pooled difference ± t(0.975, seeds − 1) × the per-seed "
+                  "differences' standard deviation / √seeds. A difference holds when it is beyond both."
+                  + ("" if len(seeds) > 1 else " With one seed the training noise is not measured."), "",
+                  "| comparison | pooled difference [95 % interval] | seed interval | per seed | beyond them? |",
+                  "|---|---|---|---|---|"]
         names = {k: label for label, k in rows}
         for pair, b in intervals.items():
             a, ref = pair.split(" - ")
             per = ", ".join(f"{p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" for p in b["per_seed"])
-            verdict = "yes, better" if b["lo"] > 0 else "yes, worse" if b["hi"] < 0 else "no"
+            over_seeds = f"[{b['seeds']['lo']:+.4f}, {b['seeds']['hi']:+.4f}]" if "seeds" in b else "-"
             lines.append(f"| {names.get(a, a)} − {names.get(ref, ref)} | {b['diff']:+.4f} [{b['lo']:+.4f}, "
-                         f"{b['hi']:+.4f}] | {per} | {verdict} |")
+                         f"{b['hi']:+.4f}] | {over_seeds} | {per} | {verdict(b)} |")
     if results.get("diagnostics"):
         n_gold = next(iter(results["diagnostics"].values()))[0]["n_gold"]
         lines += ["", f"## Where the errors come from (mean over seeds; {n_gold} gold mentions)", "",

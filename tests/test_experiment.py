@@ -216,6 +216,39 @@ def test_compare_pairs_every_variant_with_its_references(tmp_path):
     assert {p.name for p in (tmp_path / "predictions").iterdir()} == {f"{k}_s0.jsonl" for k in answers}
 
 
+def test_report_states_both_intervals_over_two_seeds(tmp_path):
+    """Two seeds of hand-made predictions through compare() and write_report(): the table row of a comparison carries
+    the test-sentence interval, the seed interval and the verdict from both."""
+    import argparse
+    import data
+    golds = [[["flu", "Disease"]], [["fever", "Disease"]], [["cold", "Disease"]], []] * 5
+    none = data.NO_ENTITIES
+    answers = {("td", 0): ["flu", none, none, none], ("td", 1): ["flu", "fever", none, none],
+               ("scd_aw", 0): ["flu", "fever", "cold", none], ("scd_aw", 1): ["flu", none, none, none],
+               ("student_sft", 0): ["flu", none, none, none], ("student_sft", 1): ["flu", none, none, none]}
+    eval_files = {"td": [], "scd_aw": [], "student_sft": []}
+    for (key, seed), texts in answers.items():
+        path = tmp_path / "evals" / f"{key}_s{seed}.json"
+        path.parent.mkdir(exist_ok=True)
+        rows = [{"id": str(i), "prediction": t, "gold": g} for i, (t, g) in enumerate(zip(texts * 5, golds))]
+        path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        eval_files[key].append(path)
+    results = {"main": {"td": [0.5, 0.8], "scd_aw": [1.0, 0.5], "student_sft": [0.5, 0.5]}, "n_test": 20}
+    results["intervals"], results["diagnostics"] = experiment.compare(tmp_path, "ncbi_disease", "entities", [0, 1],
+                                                                      eval_files, ["td", "scd_aw"])
+    args = argparse.Namespace(task="ncbi_disease", data=None, preset="cpu", device="cpu", variants=["td", "scd_aw"],
+                              kind="entities")
+    experiment.write_report(tmp_path, args, [0, 1], results, {}, {}, None, "no plot", "python experiment.py")
+    b = results["intervals"]["scd_aw - td"]
+    # by hand, per block of 3 gold mentions, no false positives: seed 0 scd_aw finds 3 (F1 1) and td 1 (P 1, R 1/3:
+    # F1 0.5); seed 1 scd_aw finds 1 (0.5) and td 2 (0.8): +0.5 and -0.3, mean +0.1, sd 0.5657, sd/√2 0.4
+    assert [p["diff"] for p in b["per_seed"]] == pytest.approx([0.5, -0.3])
+    assert (b["seeds"]["lo"], b["seeds"]["hi"]) == pytest.approx((0.1 - 12.706 * 0.4, 0.1 + 12.706 * 0.4), abs=1e-3)
+    row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| SCD+AW − TD"))
+    assert f"| [{b['seeds']['lo']:+.4f}, {b['seeds']['hi']:+.4f}] |" in row
+    assert row.endswith(f"| {experiment.verdict(b)} |") and experiment.verdict(b) in ("no", "not over seeds")
+
+
 def test_paired_bootstrap():
     rng = np.random.default_rng(1)
     n = 300
@@ -230,11 +263,32 @@ def test_paired_bootstrap():
     assert r["per_seed"][0]["diff"] == pytest.approx(f1(a) - f1(b)) and r["per_seed"][1]["diff"] == 0.0
     assert r["per_seed"][0]["lo"] > 0.1  # a 0.2+ F1 gap on 300 examples is far outside the noise
     assert r["diff"] == pytest.approx((f1(a) - f1(b)) / 2) and r["lo"] < r["diff"] < r["hi"]
+    # the seed interval: mean of the per-seed differences ± t(0.975, 1) × their sd / √2, by hand
+    d = f1(a) - f1(b)
+    half = 12.7062 * (abs(d) / math.sqrt(2)) / math.sqrt(2)
+    assert (r["seeds"]["lo"], r["seeds"]["hi"]) == pytest.approx((d / 2 - half, d / 2 + half), abs=1e-3)
+    assert "seeds" not in same  # one seed: no training noise to measure
     # the interval shrinks with more examples: the same rates on 4x the data give a narrower one
     wide = r["per_seed"][0]["hi"] - r["per_seed"][0]["lo"]
     a4, b4 = np.concatenate([a] * 4), np.concatenate([b] * 4)
     narrow = experiment.paired_bootstrap([a4], [b4], n_resamples=500)["per_seed"][0]
     assert narrow["hi"] - narrow["lo"] < 0.7 * wide
+
+
+def test_t_quantile_matches_the_published_table():
+    # Student's t table (e.g. NIST/SEMATECH e-Handbook, 1.3.6.7.2): upper 2.5 % and 5 % critical values
+    for p, df, want in [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 10, 2.228),
+                        (0.975, 30, 2.042), (0.95, 5, 2.015), (0.95, 2, 2.920)]:
+        assert experiment.t_quantile(p, df) == pytest.approx(want, abs=1e-3), (p, df)
+
+
+def test_verdict_needs_both_intervals():
+    v = experiment.verdict
+    assert v({"lo": 0.01, "hi": 0.05}) == "yes, better"  # one seed: the test-sentence interval alone
+    assert v({"lo": -0.05, "hi": -0.01}) == "yes, worse" and v({"lo": -0.01, "hi": 0.02}) == "no"
+    assert v({"lo": 0.01, "hi": 0.05, "seeds": {"lo": 0.002, "hi": 0.06}}) == "yes, better"
+    assert v({"lo": -0.05, "hi": -0.01, "seeds": {"lo": -0.17, "hi": 0.11}}) == "not over seeds"
+    assert v({"lo": -0.01, "hi": 0.02, "seeds": {"lo": 0.01, "hi": 0.02}}) == "no"
 
 
 EXAMPLES = experiment.Path(experiment.__file__).resolve().parent / "examples"
