@@ -343,6 +343,21 @@ def side_losses(model_dir: Path, split: dict, items_by_id: dict, pad_id: int, de
     return out
 
 
+def figure(png: Path, caption: str, draw) -> list[str]:
+    """draw(plt) -> a matplotlib figure, saved to png; the report's line for it, or why there is no plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["matplotlib is not installed, so there is no plot (pip install matplotlib)."]
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [f"![{caption}]({png.name})"]
+
+
 def plot_schedule(root: Path, seed: int, variants: list[str], png: Path) -> str:
     """Chosen teacher checkpoint per stage for SCD and CD, with SCD's Metric 2 of its choice. Returns a note."""
     try:
@@ -392,10 +407,8 @@ def stage_sides(root: Path, seed: int, variants: list[str], png: Path) -> list[s
     lines = ["", f"## SFS / TFS loss after every stage (seed {seed})", "",
              "The student's mean answer CE on the SFS and on the TFS training examples at the end of each stage "
              "(distill.py --sides).", ""]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+    def draw(plt):
         fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), sharey=True, squeeze=False)
         for ax, (v, rows) in zip(axes[0], curves.items()):
             for side, style in (("sfs", "o-"), ("tfs", "s--")):
@@ -404,12 +417,9 @@ def stage_sides(root: Path, seed: int, variants: list[str], png: Path) -> list[s
             ax.set_xlabel("stage")
         axes[0][0].set_ylabel("mean answer CE")
         axes[0][0].legend()
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
-        lines += [f"![SFS and TFS loss per stage]({png.name})", ""]
-    except ImportError:
-        lines += ["matplotlib is not installed, so there is no plot (pip install matplotlib).", ""]
+        return fig
+
+    lines += [*figure(png, "SFS and TFS loss per stage", draw), ""]
     n = max(len(rows) for rows in curves.values())
     lines += ["| variant | " + " | ".join(f"stage {k} SFS / TFS" for k in range(n)) + " |",
               "|---|" + "---|" * n]
@@ -472,10 +482,8 @@ def footsteps_section(root: Path, steps: dict) -> list[str]:
     for spacing, r in steps.items():
         lines += [f"- {spacing} ({len(r['checkpoints'])} checkpoints, best {r['best']}): " + ", ".join(
             f"{c['step']}: {c['metric1']:.3f}" for c in r["checkpoints"])]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+    def draw(plt):
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
         for spacing, r in steps.items():
             ax.plot([c["step"] for c in r["checkpoints"]], [c["metric1"] for c in r["checkpoints"]], "o-",
@@ -483,13 +491,9 @@ def footsteps_section(root: Path, steps: dict) -> list[str]:
         ax.set_xlabel("teacher step")
         ax.set_ylabel("Metric 1 (nats)")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(root / "footsteps.png", dpi=120)
-        plt.close(fig)
-        lines += ["", "![Metric 1 per checkpoint, by spacing](footsteps.png)"]
-    except ImportError:
-        lines += ["", "matplotlib is not installed, so there is no plot (pip install matplotlib)."]
-    return lines
+        return fig
+
+    return [*lines, "", *figure(root / "footsteps.png", "Metric 1 per checkpoint, by spacing", draw)]
 
 
 def beyond_section(root: Path, seed: int, variants: list[str], results: dict, metric: str) -> list[str]:
@@ -520,10 +524,8 @@ def beyond_section(root: Path, seed: int, variants: list[str], results: dict, me
                   "| candidates | variant | " + metric + " | checkpoint storage (GiB) |", "|---|---|---|---|"]
         lines += [f"| {r['candidates']} | {VARIANTS[r['variant']][0]} | {mean_std(r['scores'])} | "
                   f"{r['storage_gib']:.2f} |" for r in curve]
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+
+        def draw(plt):
             fig, ax = plt.subplots(figsize=(5, 3.2))
             xs = [r["candidates"] for r in curve]
             ax.errorbar(xs, [statistics.mean(r["scores"]) for r in curve],
@@ -533,12 +535,9 @@ def beyond_section(root: Path, seed: int, variants: list[str], results: dict, me
             ax2 = ax.twinx()
             ax2.plot(xs, [r["storage_gib"] for r in curve], "s--", color="gray")
             ax2.set_ylabel("checkpoint storage, GiB (grey)")
-            fig.tight_layout()
-            fig.savefig(root / "granularity.png", dpi=120)
-            plt.close(fig)
-            lines += ["", "![score and storage against candidate checkpoints](granularity.png)"]
-        except ImportError:
-            lines += ["", "matplotlib is not installed, so there is no plot (pip install matplotlib)."]
+            return fig
+
+        lines += ["", *figure(root / "granularity.png", "score and storage against candidate checkpoints", draw)]
     return lines
 
 
