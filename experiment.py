@@ -31,6 +31,7 @@ per stage, the SFS/TFS shares and how each variant moved the student's loss on e
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -549,7 +550,7 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
     rows += [(label, v) for v, (label, _) in VARIANTS.items() if v in args.variants]  # paper order, any run order
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     machine = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                         f"{torch.get_num_threads()} threads)"
+                                                         f"{os.cpu_count()} cores)"
     lines = [f"# SCD experiment: {args.task}" + (f" ({args.data}, metric {args.kind})" if args.data else ""), "",
              f"Run {date.today().isoformat()} with the `{args.preset}` preset, seeds {seeds}, on {machine}, "
              f"torch {torch.__version__}.", "", "```", command, "```", "",
