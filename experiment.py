@@ -24,8 +24,12 @@ decide them are kept in OUT/TASK/experiment.json, and another invocation with ot
      every method; the from-SFT variants get their own search (--sft-lr-grid)
   5. test-split evaluation of the teacher, the base and SFT students and every variant (every test example)
 Then OUT/TASK/results.md (+ results.json, schedule.png, predictions/<model>[_s<seed>].jsonl) with mean ± std over
-seeds, a paired bootstrap of each variant against TD and against the SFT student (per seed and pooled), wall time
-per stage, the SFS/TFS shares and how each variant moved the student's loss on each side.
+seeds, a paired bootstrap of each variant against TD and against the SFT student (per seed and pooled, with a seed
+interval when several seeds ran), wall time per stage, the SFS/TFS shares and how each variant moved the student's
+loss on each side. Beyond the paper (issue #16): the scd_aw_* variants (SCD+AW with one choice changed) are also
+compared with SCD+AW and their candidate count gives a granularity curve; --spacings trains the teacher again with
+other checkpoint spacings and reports Metric 1 per checkpoint of each. A finished distillation keeps final/ and its
+logs, not its resume state or (without --keep-stages) its stage exports.
 """
 
 import argparse
@@ -33,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -175,7 +180,8 @@ def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_run: Pat
 def prune_run(out: Path, keep_stages: bool):
     """A finished distillation needs its resume state no more, and the report reads only final/, schedule.jsonl and
     metrics.jsonl: drop resume/ and, unless asked to keep them, the stage_XX exports (one student copy each)."""
-    for d in [out / "resume", *([] if keep_stages else out.glob("stage_[0-9][0-9]"))]:
+    stages = [] if keep_stages else [d for d in out.glob("stage_*") if re.fullmatch(r"stage_\d+", d.name)]
+    for d in [out / "resume", *stages]:
         if d.is_dir():
             shutil.rmtree(d)
 
@@ -433,7 +439,7 @@ def stage_sides(root: Path, seed: int, variants: list[str], png: Path) -> list[s
 
 def granularity(root: Path, variants: list[str], main: dict) -> list[dict]:
     """SCD+AW's test score against its number of candidate checkpoints (the scd_aw_cN variants, and scd_aw itself
-    with every checkpoint of the teacher run), with the disk the candidates take: N teacher checkpoints."""
+    with every checkpoint of the teacher run), with the disk they take: the N candidates and the best checkpoint."""
     index = sft.read_checkpoint_index(root / "teacher")
     ckpt_bytes = sum(f.stat().st_size for f in (root / "teacher" / sft.checkpoint_name(index["final"])).iterdir()
                      if f.suffix == ".safetensors")
@@ -443,7 +449,10 @@ def granularity(root: Path, variants: list[str], main: dict) -> list[dict]:
         if v.endswith("_from_sft") or not (v == "scd_aw" or "--candidates" in flags) or not main.get(v):
             continue
         n = int(flags[flags.index("--candidates") + 1]) if "--candidates" in flags else len(index["steps"])
-        out.append({"variant": v, "candidates": n, "storage_gib": n * ckpt_bytes / 2**30, "scores": main[v]})
+        steps = sft.subset_steps(index["steps"], n, "even") if "--candidates" in flags else index["steps"]
+        kept = len({*steps, index["best"]})  # Metric 1 measures from the best checkpoint, a candidate or not
+        out.append({"variant": v, "candidates": n, "checkpoints_kept": kept, "storage_gib": kept * ckpt_bytes / 2**30,
+                    "scores": main[v]})
     return sorted(out, key=lambda r: r["candidates"]) if len(out) > 1 else []
 
 
@@ -522,9 +531,10 @@ def beyond_section(root: Path, seed: int, variants: list[str], results: dict, me
     curve = results.get("granularity", [])
     if len(curve) > 1:
         lines += ["", "### Granularity: candidate checkpoints against score and storage", "",
-                  "| candidates | variant | " + metric + " | checkpoint storage (GiB) |", "|---|---|---|---|"]
+                  "| candidates | variant | " + metric + " | checkpoints kept (the candidates and the best) | "
+                  "storage (GiB) |", "|---|---|---|---|---|"]
         lines += [f"| {r['candidates']} | {VARIANTS[r['variant']][0]} | {mean_std(r['scores'])} | "
-                  f"{r['storage_gib']:.2f} |" for r in curve]
+                  f"{r['checkpoints_kept']} | {r['storage_gib']:.2f} |" for r in curve]
 
         def draw(plt):
             fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -689,6 +699,9 @@ def main(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or args.seeds < 1:
         raise UserError(f"--variants {unknown[0]!r}: unknown" if unknown else "--seeds must be at least 1")
+    for v in list(args.variants):  # a changed choice is measured against the paper's SCD+AW from the same start
+        if paper_variant(v) and paper_variant(v) not in args.variants:
+            args.variants.insert(args.variants.index(v), paper_variant(v))
     args.spacings = [x for x in args.spacings.split(",") if x]
     bad = [x for x in args.spacings if x not in sft.SPACINGS or x == "even"]
     if bad:
@@ -739,7 +752,7 @@ def main(argv=None):
         raise UserError(f"--models {models}: no teacher/ there; run python prepare.py first")
     grid_runs = len(args.lr_grid) + (len(args.sft_lr_grid) if any(v.endswith("_from_sft") for v in args.variants)
                                      else 0)
-    n_runs = 2 + grid_runs + len(seeds) * (2 + len(args.variants))
+    n_runs = 2 + len(args.spacings) + grid_runs + len(seeds) * (2 + len(args.variants))
     print(f"experiment {args.task}: preset {args.preset}, seeds {seeds}, variants {args.variants}: {n_runs} training "
           f"runs ({grid_runs} of them the learning-rate search); the README lists what each took -> {root}")
 
