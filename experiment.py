@@ -488,9 +488,13 @@ def footsteps_section(root: Path, steps: dict) -> list[str]:
         return []
     lines = ["", "## Where the footsteps are: Metric 1 per teacher checkpoint, by spacing", "",
              "Metric 1 = KL(p_best ‖ p_c) on seed 0's probe set, each run against its own best (lowest val loss) "
-             "checkpoint, as SCD computes it. The same teacher training (seed, data, lr) saved at other steps.", ""]
+             "checkpoint, as SCD computes it. Each spacing is the same teacher recipe (seed, data order, lr) trained "
+             "again; floating-point drift between runs makes them differ a little, so each best's val loss is "
+             "given.", ""]
     for spacing, r in steps.items():
-        lines += [f"- {spacing} ({len(r['checkpoints'])} checkpoints, best {r['best']}): " + ", ".join(
+        best = next(c for c in r["checkpoints"] if c["step"] == r["best"])
+        val = "" if best["val_loss"] is None else f", val loss {best['val_loss']:.4f}"
+        lines += [f"- {spacing} ({len(r['checkpoints'])} checkpoints, best {r['best']}{val}): " + ", ".join(
             f"{c['step']}: {c['metric1']:.3f}" for c in r["checkpoints"])]
 
     def draw(plt):

@@ -147,6 +147,10 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
     assert not (root / "footsteps_probe").exists() or not any((root / "footsteps_probe").iterdir())
     md = (root / "results.md").read_text()
     assert "## Where the footsteps are" in md and (root / "footsteps.png").exists() == HAS_MATPLOTLIB
+    for spacing, r in res["footsteps"].items():  # each line names its run's best and that checkpoint's val loss
+        run = root / ("teacher" if spacing == "even" else f"teacher_{spacing}")
+        val = json.loads((run / f"step_{r['best']:06d}" / "meta.json").read_text())["val_loss"]
+        assert f"- {spacing} ({len(r['checkpoints'])} checkpoints, best {r['best']}, val loss {val:.4f}): " in md
 
 
 # -----------------------------------------------------------------------------
