@@ -822,13 +822,14 @@ def main(argv=None):
             timer.run("teacher cache", *build)
         cache_flags = ["--teacher-cache", str(cache_dir)]
 
-    if args.spacings:  # the same teacher training, saved at other steps: how far apart are its footsteps?
+    if args.spacings:  # the same teacher recipe, saved at other steps: how far apart are its footsteps?
         runs = {"even": teacher_run}
+        measured = read_json(root / "footsteps.json") if (root / "footsteps.json").exists() else {}
         for spacing in args.spacings:
             runs[spacing] = root / f"teacher_{spacing}"
             flags = run_flags(runs[spacing], sft_done(runs[spacing]), runs[spacing].exists()
                               and sft.latest_resumable(runs[spacing]) is not None)
-            if flags is not None:
+            if flags is not None and spacing not in measured:  # once measured, its checkpoints may be deleted
                 count = ["--checkpoints", str(args.teacher_checkpoints or len(index["steps"]))]
                 timer.run(f"teacher SFT {spacing}", sft.main, [
                     "--role", "teacher", "--model", str(models / "teacher"), "--out", str(runs[spacing]), *common,

@@ -151,6 +151,13 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
         run = root / ("teacher" if spacing == "even" else f"teacher_{spacing}")
         val = json.loads((run / f"step_{r['best']:06d}" / "meta.json").read_text())["val_loss"]
         assert f"- {spacing} ({len(r['checkpoints'])} checkpoints, best {r['best']}, val loss {val:.4f}): " in md
+    # once measured, a spacing's teacher may be deleted: the next invocation reports it without training it again
+    import shutil
+    shutil.rmtree(root / "teacher_geometric")
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td",
+                     "--spacings", "geometric,val_loss"])
+    assert not (root / "teacher_geometric").exists()
+    assert json.loads((root / "results.json").read_text())["footsteps"] == res["footsteps"]
 
 
 # -----------------------------------------------------------------------------
