@@ -33,6 +33,7 @@ logs, not its resume state or (without --keep-stages) its stage exports.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -262,6 +263,7 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int 
     return out
 
 
+@functools.cache  # every comparison of a report asks for the same one
 def t_quantile(p: float, df: int) -> float:
     """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its CDF, integrated from its
     density by Simpson's rule (no scipy here)."""
