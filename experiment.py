@@ -21,7 +21,8 @@ decide them are kept in OUT/TASK/experiment.json, and another invocation with ot
        SCD+AW  both
      each from the base student; `--variants scd_aw_from_sft,td_from_sft` starts from the seed's SFT student.
      Their learning rate is the paper's: grid-searched on TD (seed 0, validation score, --lr-grid) and shared by
-     every method; the from-SFT variants get their own search (--sft-lr-grid)
+     every method; the from-SFT variants get their own search (--sft-lr-grid). A grid of one rate is used as
+     given, without a search (the rate an earlier run chose, say)
   5. test-split evaluation of the teacher, the base and SFT students and every variant (every test example)
 Then OUT/TASK/results.md (+ results.json, schedule.png, predictions/<model>[_s<seed>].jsonl) with mean ± std over
 seeds, a paired bootstrap of each variant against TD and against the SFT student (per seed and pooled, with a seed
@@ -614,6 +615,9 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
     if results.get("lr_search"):
         lines += ["", "## Learning-rate search (seed %d, validation %s)" % (seeds[0], metric), ""]
         for start, r in results["lr_search"].items():
+            if r.get("given"):
+                lines.append(f"- {VARIANTS[r['variant']][0]}: {r['chosen']}, given (a grid of one rate: not searched)")
+                continue
             lines.append(f"- {VARIANTS[r['variant']][0]} ({r['n'] or 'all'} val examples): "
                          + ", ".join(f"{lr}: {v:.4f}" for lr, v in r["scores"].items()) + f"; chosen {r['chosen']}")
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
@@ -678,7 +682,8 @@ def main(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=16, help="batch size of evaluation")
     p.add_argument("--lr-grid", default=None, help="distillation learning rates tried on TD from the base student "
                                                    "(seed 0, validation score); the best is used by every variant "
-                                                   "('' = the default lr, no search; default: the preset's)")
+                                                   "(one rate: used as given, no search, e.g. an earlier run's "
+                                                   "choice; '' = distill.py's default; default: the preset's)")
     p.add_argument("--sft-lr-grid", default=None, help="the same for the variants started from the SFT student")
     p.add_argument("--stage-sides", action="store_true",
                    help="log every variant's SFS/TFS loss after each stage on the first seed, the one analysed "
@@ -756,8 +761,9 @@ def main(argv=None):
         models = root / "models"
     elif not (models / "teacher" / "config.json").exists():
         raise UserError(f"--models {models}: no teacher/ there; run python prepare.py first")
-    grid_runs = len(args.lr_grid) + (len(args.sft_lr_grid) if any(v.endswith("_from_sft") for v in args.variants)
-                                     else 0)
+    searched = [g for g in (args.lr_grid, args.sft_lr_grid if any(v.endswith("_from_sft") for v in args.variants)
+                            else []) if len(g) > 1]  # a grid of one rate is used as given
+    grid_runs = sum(len(g) for g in searched)
     n_runs = 2 + len(args.spacings) + grid_runs + len(seeds) * (2 + len(args.variants))
     print(f"experiment {args.task}: preset {args.preset}, seeds {seeds}, variants {args.variants}: {n_runs} training "
           f"runs ({grid_runs} of them the learning-rate search); the README lists what each took -> {root}")
@@ -882,6 +888,9 @@ def main(argv=None):
             for start, grid in (("base", args.lr_grid), ("sft", args.sft_lr_grid)):
                 if grid and (start == "base" or any(v.endswith("_from_sft") for v in args.variants)):
                     td = "td" if start == "base" else "td_from_sft"
+                    if len(grid) == 1:  # nothing to choose between: the rate as given, no validation run
+                        lr_search[start] = {"variant": td, "chosen": grid[0], "given": True}
+                        continue
                     scores = {lr: run_distill(td, root / f"lr_{td}_{lr}", f"lr search {td} {lr}", "--lr", lr,
                                               split="val", size=preset["grid_val"])["main"] for lr in grid}
                     lr_search[start] = {"variant": td, "split": "val", "n": preset["grid_val"], "scores": scores,

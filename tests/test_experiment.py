@@ -59,9 +59,13 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
     assert init == str(experiment.weights.student_sft_checkpoint(root / "student_s0"))
     assert json.loads((root / "scd_aw_s0" / "config.json").read_text())["init"].endswith("student")
     after = json.loads((root / "timings.json").read_text())
-    # and the learning-rate search of the from-SFT start, which the first invocation had no variant for
-    assert set(after) - set(before) == {"distill scd_aw_from_sft s0", "lr search td_from_sft 0.001"}
+    # the from-SFT start's grid is one rate (the quick preset's 1e-3): used as given, so no search run was added
+    assert set(after) - set(before) == {"distill scd_aw_from_sft s0"}
+    assert json.loads((root / "lr_search.json").read_text())["sft"] == {"variant": "td_from_sft", "chosen": "0.001",
+                                                                        "given": True}
+    assert json.loads((root / "scd_aw_from_sft_s0" / "config.json").read_text())["lr"] == 1e-3
     md = (root / "results.md").read_text()
+    assert "- TD from SFT: 0.001, given (a grid of one rate: not searched)" in md
     assert "| SCD+AW from SFT |" in md and "| SCD+AW |" in md and "| TD |" not in md
     assert "- SCD+AW from SFT: checkpoints" in md and "- CD: checkpoints" not in md  # only this report's runs
     # every evaluated model's predictions, and the paired intervals against TD and the SFT student
