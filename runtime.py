@@ -165,8 +165,8 @@ def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run on real bf16 kernels here: CUDA cards that support it, and CPUs with AVX-512 or Arm
     bf16, where oneDNN has them. On an AVX2-only CPU a bf16 matmul is emulated: 0.8 against 87 GFLOP/s in fp32
     on one AMD EPYC, two cores."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not emulation: a T4 or V100 "supports" bf16 through fp32 kernels
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private; absent means we cannot tell
     return device.type == "cpu" and check is not None and bool(check())
 
