@@ -613,7 +613,9 @@ def write_report(root: Path, args, seeds: list[int], results: dict, timings: dic
                 lines.append(f"| {label} | {avg['precision']:.4f} | {avg['recall']:.4f} | {avg['n_pred']:.0f} | "
                              f"{avg['repeated']:.0f} | {avg['f1_without_repeats']:.4f} |")
     if results.get("lr_search"):
-        lines += ["", "## Learning-rate search (seed %d, validation %s)" % (seeds[0], metric), ""]
+        searched = any(not r.get("given") for r in results["lr_search"].values())
+        lines += ["", "## Learning-rate search (seed %d, validation %s)" % (seeds[0], metric) if searched
+                  else "## Learning rate", ""]
         for start, r in results["lr_search"].items():
             if r.get("given"):
                 lines.append(f"- {VARIANTS[r['variant']][0]}: {r['chosen']}, given (a grid of one rate: not searched)")
