@@ -583,6 +583,14 @@ def entity_scores(golds: list[list], preds: list[list]) -> dict:
             "n_untyped": sum(t is None for pred in preds for _, t in pred)}
 
 
+def answers_match(parsed, gold) -> bool:
+    """One example right or wrong: entity answers as (mention, type) multisets, where an untyped mention's type is
+    None (so no sorting: None and a type do not order), any other answer by equality."""
+    if isinstance(gold, list):
+        return Counter(map(tuple, parsed)) == Counter(map(tuple, gold))
+    return parsed == gold
+
+
 def label_scores(golds: list[str], preds: list[str | None]) -> dict:
     """Accuracy, and macro-F1 over the labels seen in gold or prediction; an unparseable prediction is a miss.
     (With per-example options, macro-F1 averages over every option string that occurs: read accuracy.)"""

@@ -114,8 +114,7 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
     for ex, pred in zip(examples, predictions):
         parsed = data.parse_answer(task, pred, kind)
         gold = ex.gold if ex.gold is not None else data.normalise(ex.answer)
-        correct = sorted(map(tuple, parsed)) == sorted(map(tuple, gold)) if isinstance(gold, list) else parsed == gold
-        rows.append({"id": ex.id, "prediction": pred, "gold": gold, "correct": bool(correct)})
+        rows.append({"id": ex.id, "prediction": pred, "gold": gold, "correct": data.answers_match(parsed, gold)})
     return metrics, rows
 
 

@@ -171,6 +171,14 @@ def test_entity_scores_typed():
     assert ner_case("bc5cdr", gold, ["cisplatin (Chemical)\nnephrotoxicity (Disease)"])["main"] == 1.0
     swapped = ner_case("bc5cdr", gold, ["cisplatin (Disease)\nnephrotoxicity"])  # wrong type, missing type
     assert (swapped["tp"], swapped["n_pred"], swapped["n_untyped"]) == (0, 2, 1)
+    # one example right or wrong: a mention given twice, once untyped, once typed, used to crash evaluate.py's
+    # per-example rows (sorting compared None with a type) at the end of a BC5CDR distillation
+    twice = data.parse_answer("bc5cdr", "aspirin (Chemical)\naspirin")
+    assert twice == [("aspirin", "Chemical"), ("aspirin", None)]
+    assert not data.answers_match(twice, [["aspirin", "Chemical"]])
+    assert data.answers_match(twice, [("aspirin", None), ("aspirin", "Chemical")])  # order does not matter,
+    assert not data.answers_match(twice[:1] * 2, twice[:1])  # the count does
+    assert data.answers_match("yes", "yes") and not data.answers_match(None, "yes")
     assert data.parse_answer("bc5cdr", "IL - 2 ( interleukin ) (Chemical)") == [("IL - 2 ( interleukin )", "Chemical")]
 
 
