@@ -62,7 +62,7 @@ import schedule
 import sft
 import teacher_cache
 import weights
-from model import load_model, model_fingerprint
+from model import checkpoint_files, load_model, model_fingerprint
 from runtime import UserError, atomic_write_text, read_json, run_cli
 
 VARIANTS = {  # name -> (label, distill.py flags)
@@ -442,10 +442,13 @@ def stage_sides(root: Path, seed: int, variants: list[str], png: Path) -> list[s
 
 def granularity(root: Path, variants: list[str], main: dict) -> list[dict]:
     """SCD+AW's test score against its number of candidate checkpoints (the scd_aw_cN variants, and scd_aw itself
-    with every checkpoint of the teacher run), with the disk they take: the N candidates and the best checkpoint."""
+    with every checkpoint of the teacher run), with the disk they take: the weights of the N candidates and of the
+    best checkpoint (not the final one's optimiser state, which only resuming the teacher's SFT needs)."""
     index = sft.read_checkpoint_index(root / "teacher")
-    ckpt_bytes = sum(f.stat().st_size for f in (root / "teacher" / sft.checkpoint_name(index["final"])).iterdir()
-                     if f.suffix == ".safetensors")
+
+    def weight_bytes(step: int) -> int:
+        return sum(f.stat().st_size for f in checkpoint_files(root / "teacher" / sft.checkpoint_name(step)))
+
     out = []
     for v in variants:
         flags = VARIANTS[v][1]
@@ -453,9 +456,9 @@ def granularity(root: Path, variants: list[str], main: dict) -> list[dict]:
             continue
         n = int(flags[flags.index("--candidates") + 1]) if "--candidates" in flags else len(index["steps"])
         steps = sft.subset_steps(index["steps"], n, "even") if "--candidates" in flags else index["steps"]
-        kept = len({*steps, index["best"]})  # Metric 1 measures from the best checkpoint, a candidate or not
-        out.append({"variant": v, "candidates": n, "checkpoints_kept": kept, "storage_gib": kept * ckpt_bytes / 2**30,
-                    "scores": main[v]})
+        kept = {*steps, index["best"]}  # Metric 1 measures from the best checkpoint, a candidate or not
+        out.append({"variant": v, "candidates": n, "checkpoints_kept": len(kept),
+                    "storage_gib": sum(map(weight_bytes, kept)) / 2**30, "scores": main[v]})
     return sorted(out, key=lambda r: r["candidates"]) if len(out) > 1 else []
 
 
@@ -539,7 +542,7 @@ def beyond_section(root: Path, seed: int, variants: list[str], results: dict, me
     if len(curve) > 1:
         lines += ["", "### Granularity: candidate checkpoints against score and storage", "",
                   "| candidates | variant | " + metric + " | checkpoints kept (the candidates and the best) | "
-                  "storage (GiB) |", "|---|---|---|---|---|"]
+                  "weights stored (GiB) |", "|---|---|---|---|---|"]
         lines += [f"| {r['candidates']} | {VARIANTS[r['variant']][0]} | {mean_std(r['scores'])} | "
                   f"{r['checkpoints_kept']} | {r['storage_gib']:.2f} |" for r in curve]
 

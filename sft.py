@@ -850,8 +850,9 @@ def main(argv=None):
                    help="where the checkpoints are: even (the paper), geometric (dense early: step_k = "
                         "total^(k/n)), val_loss (at equal shares of the validation loss's drop; see val_loss_steps)")
     p.add_argument("--checkpoints", type=int, default=None,
-                   help="how many checkpoints (teacher 10, student 1); with --spacing val_loss the number of "
-                        "equal shares of the drop")
+                   help="how many checkpoints (teacher 10, student 1). --spacing even saves every "
+                        "ceil(total/N) steps and the final step, which can be fewer than N (126 steps, N 20: "
+                        "every 7, 18 checkpoints); --spacing val_loss: the number of equal shares of the drop")
     p.add_argument("--eval-every", type=int, default=0,
                    help="--spacing val_loss: steps between the val-loss checks that each save a candidate "
                         "checkpoint (0 = 4 per footstep); the candidates that are no footstep are deleted at the end")

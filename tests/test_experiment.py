@@ -99,16 +99,20 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
         assert f"| {b['diff']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}] |" in section and f"| {chosen} |" in section
     assert "`--forward-only`" in section and "`--aw-anchor current`" in section
     # the granularity curve: 3 candidates against all 4 of the quick teacher's checkpoints; the storage is the
-    # checkpoints the run needs, its candidates (as its schedule lists them) and the best one Metric 1 measures from
+    # weights of the checkpoints the run needs, its candidates (as its schedule lists them) and the best one Metric 1
+    # measures from; not the final checkpoint's optimiser state, which only a resumed teacher SFT reads
     index = json.loads((root / "teacher" / "checkpoints.json").read_text())
     steps = index["steps"]
-    final = root / "teacher" / f"step_{steps[-1]:06d}"
-    gib = sum(f.stat().st_size for f in final.glob("*.safetensors")) / 2**30
+    assert (root / "teacher" / f"step_{steps[-1]:06d}" / "trainer_state.safetensors").exists()
+
+    def gib(kept):
+        return sum((root / "teacher" / f"step_{s:06d}" / "model.safetensors").stat().st_size for s in kept) / 2**30
+
     assert [(r["variant"], r["candidates"], r["scores"]) for r in res["granularity"]] == [
         ("scd_aw_c3", 3, res["main"]["scd_aw_c3"]), ("scd_aw", len(steps), res["main"]["scd_aw"])]
     listed = json.loads((root / "scd_aw_c3_s0" / "schedule.jsonl").read_text().splitlines()[0])["candidates"]
-    kept = len({c["ckpt"] for c in listed} | {index["best"]})
-    assert [r["storage_gib"] for r in res["granularity"]] == pytest.approx([kept * gib, len(steps) * gib])
+    kept = {c["ckpt"] for c in listed} | {index["best"]}
+    assert [r["storage_gib"] for r in res["granularity"]] == pytest.approx([gib(kept), gib(steps)])
     assert "### Granularity" in section and (root / "granularity.png").exists() == HAS_MATPLOTLIB
     assert "## SFS / TFS loss after every stage (seed 0)" in md
     split = experiment.weights.final_split(json.loads((root / "weights_s0" / "sfs_tfs.json").read_text()))
