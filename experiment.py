@@ -555,7 +555,7 @@ def beyond_section(root: Path, seed: int, variants: list[str], results: dict, me
             ax.set_ylabel(f"test {metric}")
             ax2 = ax.twinx()
             ax2.plot(xs, [r["storage_gib"] for r in curve], "s--", color="gray")
-            ax2.set_ylabel("checkpoint storage, GiB (grey)")
+            ax2.set_ylabel("checkpoint weights kept, GiB (grey)")
             return fig
 
         lines += ["", *figure(root / "granularity.png", "score and storage against candidate checkpoints", draw)]
@@ -819,8 +819,12 @@ def main(argv=None):
         results["n_test"] = m["n"]
         eval_files[key] = [evals / f"{key}.json"]
 
-    cache_flags = []
-    if args.teacher_cache != "none":  # once per teacher; every variant and seed reads it
+    @functools.cache
+    def cache_flags() -> tuple[str, ...]:
+        """The teacher cache, once per teacher, every variant and seed reads it: built (or checked) when the first
+        distillation with work left asks for it, so a run that only writes the report again needs no cache."""
+        if args.teacher_cache == "none":
+            return ()
         cache_dir = root / "teacher_cache"
         probe_size = QUICK_PROBE[1] if args.quick else str(PROBE_SIZE)
         build = [teacher_cache.main, ["--teacher", str(teacher_run), "--out", str(cache_dir), "--tokenizer",
@@ -833,7 +837,7 @@ def main(argv=None):
             build[0](build[1])  # checks the cache; writes only what a changed teacher needs, so it keeps its time
         else:
             timer.run("teacher cache", *build)
-        cache_flags = ["--teacher-cache", str(cache_dir)]
+        return "--teacher-cache", str(cache_dir)
 
     if args.spacings:  # the same teacher recipe, saved at other steps: how far apart are its footsteps?
         runs = {"even": teacher_run}
@@ -885,7 +889,7 @@ def main(argv=None):
                     *distill_flags(variant, args, root, aw_dir, student_run), "--teacher", str(teacher_run),
                     "--init", str(student_final if variant.endswith("_from_sft") else models / "student"),
                     "--variant", variant, "--out", str(out), "--eval-split", split, "--eval-size", str(size),
-                    *cache_flags, *s_common, *(QUICK_DISTILL if args.quick else []), *extra, *flags])
+                    *cache_flags(), *s_common, *(QUICK_DISTILL if args.quick else []), *extra, *flags])
             prune_run(out, args.keep_stages)
             return read_json(out / "final" / f"eval_{args.task}_{split}.json")
 

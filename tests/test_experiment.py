@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -49,6 +50,11 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
     before = json.loads((root / "timings.json").read_text())
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir)])
     assert json.loads((root / "timings.json").read_text()) == before
+    # nor does writing the report again need the teacher cache: deleted once every distillation is done, it stays
+    # deleted until a run with work left asks for it (the variant below)
+    shutil.rmtree(root / "teacher_cache")
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir)])
+    assert json.loads((root / "timings.json").read_text()) == before and not (root / "teacher_cache").exists()
 
     # a variant started from the SFT student: only it runs, from the seed's SFT checkpoint, beside the others
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir),
@@ -61,6 +67,8 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
     after = json.loads((root / "timings.json").read_text())
     # the from-SFT start's grid is one rate (the quick preset's 1e-3): used as given, so no search run was added
     assert set(after) - set(before) == {"distill scd_aw_from_sft s0"}
+    assert json.loads((root / "scd_aw_from_sft_s0" / "config.json").read_text())["teacher_cache"] == str(
+        root / "teacher_cache") and (root / "teacher_cache").exists()  # built again for the run that needed it
     assert json.loads((root / "lr_search.json").read_text())["sft"] == {"variant": "td_from_sft", "chosen": "0.001",
                                                                         "given": True}
     assert json.loads((root / "scd_aw_from_sft_s0" / "config.json").read_text())["lr"] == 1e-3
@@ -160,7 +168,6 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
         val = json.loads((run / f"step_{r['best']:06d}" / "meta.json").read_text())["val_loss"]
         assert f"- {spacing} ({len(r['checkpoints'])} checkpoints, best {r['best']}, val loss {val:.4f}): " in md
     # once measured, a spacing's teacher may be deleted: the next invocation reports it without training it again
-    import shutil
     shutil.rmtree(root / "teacher_geometric")
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td",
                      "--spacings", "geometric,val_loss"])
