@@ -271,6 +271,19 @@ def parse_mentions(types: tuple[str, ...], text: str) -> list[tuple[str, str | N
     return mentions
 
 
+def cut_repeats(text: str) -> str:
+    """The answer before its first line that repeats an earlier one (lines compared with whitespace runs collapsed,
+    empty lines skipped): what a decoder that stops there (generate.RepeatStop) outputs."""
+    lines, seen = text.split("\n"), set()
+    for k, line in enumerate(lines):
+        key = " ".join(line.split())
+        if key and key in seen:
+            return "\n".join(lines[:k]).strip()
+        if key:
+            seen.add(key)
+    return text
+
+
 def format_ner(task: str, mentions: list[tuple[str, str]]) -> str:
     return format_mentions(NER_TYPES[task], mentions)
 

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import KVCache, generate, left_pad, load_model
+from generate import KVCache, RepeatStop, generate, left_pad
+from model import load_model
 from runtime import (UserError, atomic_write_text, autocast, given_flags, resolve_device, resolve_dtype, run_cli,
                      single_process)
 
@@ -71,31 +72,34 @@ def label_logprobs(model, tok, examples, labels: list, batch_size: int, dtype: s
     return scores
 
 
-LOOKAHEAD = 8  # prompt-lookup guesses per generation step (model.generate): outputs that copy or repeat need fewer
+LOOKAHEAD = 8  # prompt-lookup guesses per generation step (generate.generate): outputs that copy or repeat need fewer
 
 
 @torch.no_grad()
 def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int, dtype: str = "fp32",
-                     progress: bool = False) -> list[str]:
-    """Greedy answers, batched by prompt length so little of each batch is padding."""
+                     progress: bool = False, stop_repeats: bool = False) -> list[str]:
+    """Greedy answers, batched by prompt length so little of each batch is padding; with stop_repeats each answer
+    stops at the first line it repeats (generate.RepeatStop)."""
     device = model.model.embed_tokens.weight.device
     prompts = [data.encode_prompt(tok, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
+    stop = RepeatStop(tok) if stop_repeats else None
     for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
         idx = order[i:i + batch_size]
         with autocast(device, dtype):
             outs = generate(model, [prompts[k] for k in idx], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                            lookahead=LOOKAHEAD)
+                            lookahead=LOOKAHEAD, stop=stop)
         for k, out in zip(idx, outs):
             answers[k] = tok.decode(out).strip()
     return answers
 
 
 def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_tokens: int | None = None,
-             dtype: str = "fp32", progress: bool = False) -> tuple[dict, list[dict]]:
+             dtype: str = "fp32", progress: bool = False, stop_repeats: bool = False) -> tuple[dict, list[dict]]:
     """Task metrics ({"main": ..., ...}) and per-sample rows (id, prediction, gold, correct).
-    max_new_tokens defaults to the task's cap (a little above its longest gold answer)."""
+    max_new_tokens defaults to the task's cap (a little above its longest gold answer). With stop_repeats a generated
+    answer ends before its first repeated line, and the metrics count how many did ("stopped")."""
     max_new_tokens = max_new_tokens or data.get_task(task).max_new_tokens
     was_training = model.training
     model.eval()
@@ -107,9 +111,16 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
         scores = label_logprobs(model, tok, examples, options, batch_size, dtype, task, end=task != "pubmedqa")
         predictions = [opts[k] for opts, k in zip(options, scores.argmax(-1).tolist())]
     else:
-        predictions = generate_answers(model, tok, examples, batch_size, max_new_tokens, dtype, progress)
+        predictions = generate_answers(model, tok, examples, batch_size, max_new_tokens, dtype, progress,
+                                       stop_repeats)
     model.train(was_training)
+    n_stopped = None
+    if stop_repeats and kind != "choices":  # the last line too: the decoder stops only at a line's end
+        n_stopped = sum(data.cut_repeats(p) != p for p in predictions)
+        predictions = [data.cut_repeats(p) for p in predictions]
     metrics = data.score(task, examples, predictions)
+    if n_stopped is not None:
+        metrics["stopped"] = n_stopped
     rows = []
     for ex, pred in zip(examples, predictions):
         parsed = data.parse_answer(task, pred, kind)
@@ -120,7 +131,8 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
 
 def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None, limit: int = 0,
                  batch_size: int = 16, max_new_tokens: int | None = None, device: str = "cpu",
-                 dtype: str = "fp32", out=None, progress: bool = True, metric: str | None = None) -> dict:
+                 dtype: str = "fp32", out=None, progress: bool = True, metric: str | None = None,
+                 stop_repeats: bool = False) -> dict:
     """Load a model dir, evaluate it on a split, write metrics + predictions atomically, return the metrics.
     `metric` is jsonl's --metric (None: the file says)."""
     model_dir = Path(model_dir)
@@ -131,7 +143,7 @@ def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None
         raise UserError(f"task {task}: split {split!r} is empty")
     data.check_generation_flag(task, examples, "--max-new-tokens", max_new_tokens)
     model = load_model(model_dir, device=device)
-    metrics, rows = evaluate(model, tok, task, examples, batch_size, max_new_tokens, dtype, progress)
+    metrics, rows = evaluate(model, tok, task, examples, batch_size, max_new_tokens, dtype, progress, stop_repeats)
     metrics = {"task": task, "split": split, "n": len(examples), "model": str(model_dir), **metrics}
     out = Path(out) if out else model_dir / f"eval_{task}_{split}.json"
     # predictions first: the metrics file marks the evaluation done (experiment.py reuses it), so it comes last
@@ -159,6 +171,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="fp32",
                    help="fp32, bf16 autocast, or auto (bf16 where the hardware has bf16 matmuls)")
+    p.add_argument("--stop-repeats", action="store_true",
+                   help="end a generated answer before the first line it repeats (a greedy loop), as deployed "
+                        "NER-by-generation does; the metrics count the answers stopped")
     p.add_argument("--out", default=None, help="metrics JSON path (default MODEL/eval_TASK_SPLIT.json); "
                                                "predictions go beside it as .predictions.jsonl")
     args = p.parse_args(argv)
@@ -177,7 +192,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, data_file, args.limit,
                            args.batch_size, args.max_new_tokens, device, resolve_dtype(args.dtype, device), args.out,
-                           metric=args.metric)
+                           metric=args.metric, stop_repeats=args.stop_repeats)
     print(json.dumps(metrics, indent=2))
 
 

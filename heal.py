@@ -14,8 +14,8 @@ Which layers go is a measured choice (--prune):
                      (ShortGPT, Men et al. 2024): the layers that change their input least, not necessarily adjacent
 
 Healing is forward KL(p_teacher ‖ p_student) over the full vocabulary at every position of packed fixed-length
-sequences (texts joined by the end-of-turn token), computed by distill.py's own divergence in fp32 log-space and
-sliced over tokens, with sft.py's optimiser, lr schedule, checkpoints and resume. The teacher is the *base* model, not
+sequences (texts joined by the end-of-turn token), computed by losses.py's divergence in fp32 log-space and
+sliced over tokens, with train.py's optimiser and lr schedule and checkpoints.py's checkpoints and resume. The teacher is the *base* model, not
 an SFT'd one: healing restores language, the task is learnt later by SFT and distillation.
 
 The corpus is the text of the training splits only: NCBI-disease and BC5CDR training sentences and the contexts of
@@ -38,12 +38,14 @@ import torch
 from tqdm import tqdm
 
 import data
-import distill
 import prepare
 import runtime
-import sft
-from model import load_model, model_fingerprint, save_model
+from checkpoints import (MetricsLog, latest_resumable, list_checkpoints, load_resume_state, model_fingerprint,
+                         prepare_out_dir, save_checkpoint)
+from losses import token_ce, token_losses
+from model import load_model, save_model
 from runtime import UserError, atomic_dir, atomic_write_text, run_cli
+from train import apply_update, lr_at, make_optimizer
 
 PRUNES = ("every_other", "angular", "block_influence")
 CORPUS = {"ncbi_disease": "training sentences", "bc5cdr": "training sentences",
@@ -68,6 +70,17 @@ def corpus_texts(data_dir=None) -> list[str]:
     (the NER corpora come from overlapping PubMed abstracts). Order: by task, then file order."""
     held_out = {t for task in CORPUS for split in ("val", "test") for t in task_texts(task, split, data_dir)}
     return [t for task in CORPUS for t in task_texts(task, "train", data_dir) if t not in held_out]
+
+
+def load_corpus(tok, args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The training texts, packed into rows (n, --seq-len), and the held-out rows for perplexity."""
+    texts = corpus_texts(args.data_dir)
+    corpus = pack(texts, tok, args.seq_len)
+    if len(corpus) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size}: the corpus has only {len(corpus)} rows of --seq-len "
+                        f"{args.seq_len} tokens")
+    held_out = pack(task_texts(*HELD_OUT, args.data_dir), tok, args.seq_len)[:max(1, args.eval_tokens // args.seq_len)]
+    return texts, corpus, held_out
 
 
 def pack(texts: list[str], tok, seq_len: int) -> torch.Tensor:
@@ -144,8 +157,16 @@ def heal_loss_sum(student, teacher, rows: torch.Tensor, device, dtype: str) -> t
     labels = torch.cat([rows[:, 1:], torch.full_like(rows[:, :1], data.IGNORE)], 1).flatten()  # last: no next token
     with runtime.autocast(device, dtype):
         h = student.hidden(rows).flatten(0, 1)  # (N, D)
-        kd, ce = distill.token_losses(h, student.lm_logits, teacher_logits, labels, "fkl")
+        kd, ce = token_losses(h, student.lm_logits, teacher_logits, labels, "fkl")
     return kd.sum(), ce.sum(), rows.numel()
+
+
+def heal_step(student, teacher, rows: torch.Tensor, device, dtype: str) -> tuple[float, float, float]:
+    """Gradients of one healing step: token-mean forward KL from the teacher; (KL, CE, gradient norm)."""
+    kd_sum, ce_sum, n = heal_loss_sum(student, teacher, rows, device, dtype)
+    (kd_sum / n).backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+    return float(kd_sum.detach()) / n, float(ce_sum.detach()) / n, grad_norm
 
 
 @torch.no_grad()
@@ -158,11 +179,26 @@ def perplexity(model, rows: torch.Tensor, batch_size: int, device, dtype: str) -
         x = rows[i:i + batch_size].to(device)
         with runtime.autocast(device, dtype):
             h = model.hidden(x)[:, :-1].flatten(0, 1)
-            ce, = distill.chunked(lambda h, y: (distill.per_token_ce(model.lm_logits(h), y),), h,
-                                  x[:, 1:].flatten(), rows=distill.chunk_rows(model.args.vocab_size))
+            ce = token_ce(h, x[:, 1:].flatten(), model.lm_logits, model.args.vocab_size)
         total, count = total + float(ce.sum()), count + ce.numel()
     model.train(was_training)
     return math.exp(total / max(count, 1))
+
+
+def resume(student, out: Path, log, args, device):
+    """(student, optimizer, step, seconds, perplexity curve): afresh, or from --out's newest checkpoint (--resume)."""
+    found = latest_resumable(out) if args.resume else None
+    if args.resume and found is None:
+        raise UserError(f"--resume: {out} has no complete checkpoint with resume state; start over with --overwrite")
+    if found is None:
+        return student, make_optimizer(student, args.lr, args.weight_decay), 0, 0.0, []
+    step, path = found
+    student = load_model(path, device=device)
+    optimizer = make_optimizer(student, args.lr, args.weight_decay)
+    info = load_resume_state(path, student, optimizer)
+    log.truncate_after(step)
+    print(f"resuming from {path} (step {step})")
+    return student, optimizer, step, info["seconds"], info["curve"]
 
 
 def export(path: Path, student, tok, info: dict):
@@ -187,6 +223,15 @@ def export(path: Path, student, tok, info: dict):
             f"\n\n| tokens | perplexity | seconds |\n|---|---|---|\n{curve}\n\n{prepare.QUANT_NOTE}\n")
 
 
+def measure_and_choose(teacher, corpus: torch.Tensor, args, device) -> tuple[list[int], dict]:
+    """The layers to keep: --prune's scores on the hidden states of --calib-rows random corpus rows."""
+    g = torch.Generator().manual_seed(args.seed)
+    calib = corpus[torch.randperm(len(corpus), generator=g)[:args.calib_rows]].to(device)
+    with runtime.autocast(device, args.dtype):
+        states = layer_states(teacher, calib) if args.prune != "every_other" else None
+    return choose_layers(args.prune, teacher.args.n_layers, args.layers, states)
+
+
 def heal(args) -> Path:
     device = runtime.resolve_device(args.device)
     args.dtype = runtime.resolve_dtype(args.dtype, device)
@@ -196,25 +241,15 @@ def heal(args) -> Path:
                         "pass --overwrite to replace it")
     runtime.seed_everything(args.seed)
     tok = data.load_tokenizer(args.teacher)
-    texts = corpus_texts(args.data_dir)
-    corpus = pack(texts, tok, args.seq_len)
-    if len(corpus) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size}: the corpus has only {len(corpus)} rows of --seq-len "
-                        f"{args.seq_len} tokens")
-    held_out = pack(task_texts(*HELD_OUT, args.data_dir), tok, args.seq_len)[:max(1, args.eval_tokens // args.seq_len)]
+    texts, corpus, held_out = load_corpus(tok, args)
     # the content of every input, so --resume refuses a retrained teacher or changed text by name
     config = {**vars(args), "device": str(device),
               "inputs": {"teacher": model_fingerprint(args.teacher),
                          "corpus": hashlib.sha256(corpus.numpy().tobytes()).hexdigest()[:16],
                          "held_out": hashlib.sha256(held_out.numpy().tobytes()).hexdigest()[:16]}}
     teacher = load_model(args.teacher, device=device).requires_grad_(False).eval()
-    g = torch.Generator().manual_seed(args.seed)
-    calib = corpus[torch.randperm(len(corpus), generator=g)[:args.calib_rows]].to(device)
-    with runtime.autocast(device, args.dtype):
-        states = layer_states(teacher, calib) if args.prune != "every_other" else None
-    kept, scores = choose_layers(args.prune, teacher.args.n_layers, args.layers, states)
-    del states
-    out = sft.prepare_out_dir(args.out, config, args.resume, args.overwrite)  # only once all inputs are good
+    kept, scores = measure_and_choose(teacher, corpus, args, device)
+    out = prepare_out_dir(args.out, config, args.resume, args.overwrite)  # only once all inputs are good
     student = prepare.prune_layers(teacher, kept).to(device)
     print(f"heal: --prune {args.prune} keeps layers {kept} of {teacher.args.n_layers}, "
           f"{student.num_params():,} parameters; corpus {len(texts):,} texts, {corpus.numel():,} tokens "
@@ -224,19 +259,8 @@ def heal(args) -> Path:
     total = math.ceil(args.tokens / (args.batch_size * args.seq_len))
     warmup = int(args.warmup * total)
     eval_every = max(1, math.ceil(total / args.evals)) if total else 1
-    log = sft.MetricsLog(out / "metrics.jsonl")
-    step, seconds, curve = 0, 0.0, []
-    optimizer = sft.make_optimizer(student, args.lr, args.weight_decay)
-    if args.resume and (found := sft.latest_resumable(out)) is not None:
-        step, path = found
-        student = load_model(path, device=device)
-        optimizer = sft.make_optimizer(student, args.lr, args.weight_decay)
-        info = sft.load_resume_state(path, student, optimizer)
-        seconds, curve = info["seconds"], info["curve"]
-        log.truncate_after(step)
-        print(f"resuming from {path} (step {step} of {total})")
-    elif args.resume:
-        raise UserError(f"--resume: {out} has no complete checkpoint with resume state; start over with --overwrite")
+    log = MetricsLog(out / "metrics.jsonl")
+    student, optimizer, step, seconds, curve = resume(student, out, log, args, device)
     ppl_teacher = perplexity(teacher, held_out, args.batch_size, device, args.dtype)
     if not curve:
         curve.append({"step": 0, "tokens": 0, "seconds": 0.0,
@@ -253,16 +277,13 @@ def heal(args) -> Path:
             epoch, k = divmod(step, steps_per_epoch)
             order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
             rows = corpus[order[k * args.batch_size:(k + 1) * args.batch_size]].to(device)
-            kd_sum, ce_sum, n = heal_loss_sum(student, teacher, rows, device, args.dtype)
-            (kd_sum / n).backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
-            lr = sft.lr_at(step, total, warmup, args.lr)
-            sft.apply_update(optimizer, lr, step, float(kd_sum.detach()) / n, grad_norm)
+            kl, ce, grad_norm = heal_step(student, teacher, rows, device, args.dtype)
+            lr = lr_at(step, total, warmup, args.lr)
+            apply_update(optimizer, lr, step, kl, grad_norm)
             step += 1
             bar.update(1)
             seconds = time.perf_counter() - t0
-            row = {"step": step, "tokens": step * rows.numel(), "kl": float(kd_sum.detach()) / n,
-                   "ce": float(ce_sum.detach()) / n, "lr": lr, "grad_norm": grad_norm,
+            row = {"step": step, "tokens": step * rows.numel(), "kl": kl, "ce": ce, "lr": lr, "grad_norm": grad_norm,
                    "tok_per_s": step * rows.numel() / seconds}
             if step % args.log_every == 0 or step == total:
                 log.log(row)
@@ -272,9 +293,9 @@ def heal(args) -> Path:
                 seconds = time.perf_counter() - t0  # the curve's time counts training and these evaluations
                 curve.append({"step": step, "tokens": row["tokens"], "seconds": round(seconds, 1), "perplexity": ppl})
                 log.log({"step": step, "eval": True, "perplexity": ppl, "seconds": seconds})
-                sft.save_checkpoint(out, step, student, tok, {"step": step, "perplexity": ppl, "kept_layers": kept},
+                save_checkpoint(out, step, student, tok, {"step": step, "perplexity": ppl, "kept_layers": kept},
                                     train_state={"seconds": seconds, "curve": curve}, optimizer=optimizer)
-                for s, path in sft.list_checkpoints(out):  # only the newest is needed to resume: 4 bytes a parameter
+                for s, path in list_checkpoints(out):  # only the newest is needed to resume: 4 bytes a parameter
                     if s < step:
                         shutil.rmtree(path)
                 tqdm.write(f"step {step}: {row['tokens']:,} tokens, held-out perplexity {ppl:.1f} "

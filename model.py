@@ -1,19 +1,14 @@
-"""Llama in plain PyTorch: forward pass, Hugging Face safetensors load/save, KV-cache generation.
+"""Llama in plain PyTorch: the forward pass and Hugging Face safetensors load/save.
 
 The student, every teacher checkpoint and the frozen SFT student of SCD (arXiv 2601.10114, Sec. 3) are all
 instances of this one model. Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, ...),
 so any LlamaForCausalLM checkpoint loads with a strict state-dict load and no mapping table, and what we save
-loads back into transformers.
-
-Also here: the content fingerprint of a model dir that every cache and resume check keys on
-(`model_fingerprint`). The errors, atomic writers and device plumbing every script shares are in runtime.py.
+loads back into transformers. Decoding with a KV cache is in generate.py; the cache enters here at one seam
+(`cache.begin` / `cache.attend`).
 """
 
-import contextlib
-import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from runtime import UserError, atomic_write_text, read_json
+from runtime import UserError, read_json
 
 # -----------------------------------------------------------------------------
 # config
@@ -147,39 +142,10 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys/values for every layer, which slots hold real (non-pad) tokens, and how many slots each row
-    has filled. Rows may fill at different rates: with prompt lookup (`generate`) each row keeps its own number of
-    tokens per pass, and a row's stale slots past `pos` are overwritten by its next tokens."""
-
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        super().__init__()
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row: slots filled so far
-        self.slots, self.end = None, 0  # set by Transformer.hidden for the pass in flight: (B, T) slots, max + 1
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        idx = self.slots[:, None, :, None].expand_as(k)  # k, v (B, Hkv, T, hd) go to their rows' own slots
-        self.k[layer].scatter_(2, idx, k.to(self.k.dtype))  # bf16 under autocast, into the cache's own dtype
-        self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
-        return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
-
-    def keep(self, rows: torch.Tensor):
-        """Drop every batch row not in `rows` (finished sequences), copying only the slots filled so far."""
-        S = int(self.pos.max())
-        k = self.k.new_zeros(self.k.shape[0], len(rows), *self.k.shape[2:])
-        v = torch.zeros_like(k)
-        k[:, :, :, :S], v[:, :, :, :S] = self.k[:, rows, :, :S], self.v[:, rows, :, :S]
-        self.k, self.v, self.valid, self.pos = k, v, self.valid[rows], self.pos[rows]
-
-
 class Linear(nn.Linear):
-    """nn.Linear that computes a few rows (decode steps) on the CPU as (W @ x.T).T. MKL's fp32 GEMM runs that shape
-    1.4-3x faster than x @ W.T for 2-48 rows on an AMD EPYC with 2 threads, over all of SmolLM2-135M's weights
-    (bench/linear_rows.py); from about 64 rows on the two are level. Same products, summed in another order."""
+    """nn.Linear that computes a few rows (decode steps, no grad, fp32 on the CPU) as (W @ x.T).T: MKL runs that
+    shape faster than x @ W.T for a handful of rows (bench/linear_rows.py). The same products, summed in another
+    order."""
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
@@ -198,33 +164,19 @@ class Attention(nn.Module):
         self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache, layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
-        if T == 1 and mask is not None:  # one new token per row, attending to the cache
-            y = decode_attention(q, k, v, mask)
+        if cache is not None:  # decoding (generate.KVCache): this pass's keys join the cached ones
+            y = cache.attend(layer, q, k, v, mask)
         else:
             # mask None means plain causal attention, which is exact for unpadded and right-padded batches.
             # enable_gqa: SDPA shares each k/v head among n_heads/n_kv_heads query heads without copying k, v
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def decode_attention(q, k, v, mask):
-    """Attention of one query per row: q (B, H, 1, hd), k/v (B, Hkv, S, hd), mask (B, 1, 1, S) -> (B, H, 1, hd).
-    Two small matmuls in fp32. SDPA's CPU kernel is tiled for long queries: in bf16 it spends 4-6x longer on a
-    single query (bench/decode.py), about a third of a decode step."""
-    B, H, _, hd = q.shape
-    Hkv = k.shape[1]
-    # query heads h*G .. h*G+G-1 share kv head h (G = H / Hkv), the grouping SDPA's enable_gqa uses
-    scores = q.float().view(B, Hkv, H // Hkv, hd) @ k.float().transpose(-1, -2) * hd ** -0.5  # (B, Hkv, G, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(v.dtype).view(B, H, 1, hd)
 
 
 class MLP(nn.Module):
@@ -291,21 +243,12 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
         return self.rope_cos, self.rope_sin
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Final-normed hidden states (B, T, D). attention_mask (B, T): 1 for real tokens, left or right padding."""
         B, T = input_ids.shape
         mask = None
-        if cache is not None:
-            slots = cache.pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T) each new token's slot
-            if position_ids is None and attention_mask is None:
-                position_ids = slots
-            real = torch.ones_like(slots, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            cache.valid.scatter_(1, slots, real)
-            cache.slots, cache.end = slots, int(slots.max()) + 1
-            k_slot = torch.arange(cache.end, device=input_ids.device)
-            # a query sees the real tokens up to its own slot, and always itself (so all-pad rows do not give NaN)
-            mask = ((k_slot <= slots[..., None]) & cache.valid[:, None, :cache.end]) | (k_slot == slots[..., None])
-            mask = mask[:, None]  # (B, 1, T, S)
+        if cache is not None:  # the cache decides what each new token attends to, and where it sits
+            mask, position_ids = cache.begin(input_ids, attention_mask, position_ids)
         elif attention_mask is not None and not is_right_padded(attention_mask):
             m = attention_mask.bool()
             causal = torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
@@ -327,8 +270,6 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.pos = cache.pos + T
         return self.model.norm(x)
 
     def set_activation_checkpointing(self, on: bool = True):
@@ -365,57 +306,6 @@ def checkpoint_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-SHA256_RECORD_BYTES = 1 << 24  # files from 16 MiB up have their hash remembered in SHA256_CACHE
-SHA256_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scd-distill" / "sha256"
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes. For a file from 16 MiB up it is remembered in SHA256_CACHE (one small JSON per
-    file, under ~/.cache) with the file's real path, inode, size and mtime_ns, and taken again only when one of
-    them changes.
-
-    The full hash is the strong fingerprint the caches need (a sampled one can miss a retrained tensor); it costs
-    about a second per GB, so it is taken once per file version: a rewritten file has a new mtime_ns (and usually
-    size and inode). Only a rewrite in place that keeps the size and sets the old mtime back to the nanosecond
-    (a deliberate `touch -d`) would reuse a stale hash. The record lives in the user's cache, not beside the
-    weights, so model dirs stay as they are and read-only ones (a shared or hub cache) work; a copied model dir is
-    hashed once more under its new path. Where the cache cannot be written, every call hashes.
-    """
-    path = Path(path)
-    real = path.resolve()
-    st = real.stat()
-    stamp = {"path": str(real), "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    big = st.st_size >= SHA256_RECORD_BYTES
-    record = SHA256_CACHE / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
-    with contextlib.suppress(OSError, ValueError):  # no record yet, or a torn one: hash the file
-        saved = json.loads(record.read_text()) if big else {}
-        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
-            return saved["sha256"]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    if big:
-        with contextlib.suppress(OSError):  # a read-only cache dir only costs hashing again next time
-            atomic_write_text(record, json.dumps({**stamp, "sha256": h.hexdigest()}) + "\n")
-    return h.hexdigest()
-
-
-def files_fingerprint(paths) -> str:
-    """One sha256 over the names and contents of `paths` (the tokenizer's files, say); order matters."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{Path(p).name}\0{file_sha256(p)}\0".encode())
-    return h.hexdigest()
-
-
-def model_fingerprint(path) -> str:
-    """The content fingerprint of a model dir every cache keys on: config.json and each weight file, by sha256.
-    Another path to the same files gives the same fingerprint; a retrained checkpoint in the same dir does not."""
-    path = Path(path)
-    return files_fingerprint([path / "config.json", *checkpoint_files(path)])
 
 
 def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
@@ -504,115 +394,3 @@ def save_model(model: Transformer, path, dtype: torch.dtype | None = None, state
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     out_dtype = dtype or next(iter(tensors.values())).dtype
     (path / "config.json").write_text(json.dumps(model.args.to_hf_config(out_dtype), indent=2) + "\n")
-
-# -----------------------------------------------------------------------------
-# generation
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """logits (B, V) -> next token (B,): greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        # drop a token once the mass before it already reaches top_p (the top token always stays)
-        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> ids (B, T) and bool attention mask (B, T), padded on the left so every prompt ends at T - 1."""
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = True
-    return ids.to(device), mask.to(device)
-
-
-def lookup_guesses(seq: torch.Tensor, length: torch.Tensor, first: torch.Tensor, k: int, ngram: int,
-                   fill: int) -> tuple[torch.Tensor, int]:
-    """Prompt lookup: for each row of seq (b, L), whose real tokens are columns first..length-1, guess the k tokens
-    that followed the earliest occurrence of its last n tokens, for the longest n in ngram..2 that occurs before
-    them. One token is too weak a cue: in NER answers it mostly guesses the sentence's next words, which cost a
-    wider pass and are rejected.
-    Returns guesses (b, w), `fill` where a row has none, and w <= k: as wide as the longest guess, 0 if none."""
-    b, L = seq.shape
-    guesses, width = seq.new_full((b, k), fill), seq.new_zeros(b)
-    cols = torch.arange(L, device=seq.device)
-    for n in range(ngram, 1, -1):
-        if L < n + 1:
-            continue
-        tail = seq.gather(1, (length[:, None] - n + cols[:n]).clamp(min=0))  # (b, n) each row's last n tokens
-        hit = (seq.unfold(1, n, 1) == tail[:, None]).all(-1)  # (b, L - n + 1): window i is seq[:, i:i+n]
-        start = cols[:L - n + 1]
-        hit &= (start >= first[:, None]) & (start + n < length[:, None])  # real, and ends before the last token
-        at = torch.where(hit, start, L).min(-1).values  # the earliest occurrence (the most tokens follow it), L if none
-        use = (at < L) & (width == 0)
-        src = at[:, None] + n + cols[:k]  # (b, k) the columns that followed it
-        got = (src < length[:, None]) & use[:, None]
-        guesses = torch.where(got, seq.gather(1, src.clamp(max=L - 1)), guesses)
-        width = torch.where(use, got.sum(-1), width)
-    w = int(width.max())
-    return guesses[:, :w], w
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_id: int = 0,
-             temperature: float = 0.0, top_p: float = 1.0, generator=None, lookahead: int = 0,
-             ngram: int = 3) -> list[list[int]]:
-    """Batched generation with a KV cache. Prompts are left-padded; returns the new tokens of each prompt,
-    stopped at (and without) the first eos. `eos_id` is an int or a collection of ints (Llama-3 has several).
-    A row that stops leaves the batch, so the rows still running are not slowed by finished ones.
-
-    Greedy decoding (temperature 0) with lookahead > 0 checks up to `lookahead` guessed tokens per forward pass
-    (prompt lookup decoding): a row guesses the tokens that followed the earliest occurrence of its last
-    `ngram` (down to 2) tokens, in its prompt or its own output. One pass scores the row's last token and its guesses;
-    the row keeps the guesses that equal its own greedy choices, plus the choice after them. So the output is the
-    one-token-at-a-time output (up to the float rounding of a different matmul shape), in fewer passes when the
-    answer copies the prompt, as NER answers copy mentions from the sentence."""
-    device = model.model.embed_tokens.weight.device
-    eos = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)), device=device)
-    ids, mask = left_pad(prompts, pad_id, device)
-    B, T = ids.shape
-    k = lookahead if temperature <= 0 else 0
-    cache = KVCache(model.args, B, T + max_new_tokens + k, device, model.model.embed_tokens.weight.dtype)
-    seq = torch.cat([ids, ids.new_full((B, max_new_tokens + k + 1), pad_id)], 1)  # per row: prompt, then output
-    first = T - mask.sum(-1)  # (B,) column of each prompt's first real token
-    n = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated per row
-    rows = torch.arange(B, device=device)  # the prompt each batch row belongs to
-    result = [[] for _ in range(B)]
-    h = model.hidden(ids, mask, cache=cache)[:, -1:]  # (B, 1, D): only the last position's logits are needed
-    guesses = seq[:, :0]  # none for the first token
-    while max_new_tokens > 0:
-        b, m = h.shape[:2]  # rows still running, positions scored per row (1 + guesses)
-        choice = sample_next(model.lm_logits(h).flatten(0, 1), temperature, top_p, generator).view(b, m)
-        agree = (guesses == choice[:, :-1]).long().cumprod(-1)  # a guess counts only if all before it did
-        n_new = 1 + agree.sum(-1)  # (b,) accepted guesses (each equals the choice there) plus the next choice
-        j = torch.arange(m, device=device)
-        is_eos = torch.isin(choice, eos) & (j < n_new[:, None])
-        n_new = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, n_new)  # stop at the first eos
-        n_new = torch.minimum(n_new, max_new_tokens - n)
-        seq.scatter_(1, T + n[:, None] + j, choice)  # columns past n + n_new are overwritten later or never read
-        n = n + n_new
-        stopped = (is_eos & (j < n_new[:, None])).any(-1)
-        done = stopped | (n >= max_new_tokens)
-        if done.any():
-            for r in done.nonzero().flatten().tolist():
-                result[int(rows[r])] = seq[r, T:T + n[r] - int(stopped[r])].tolist()
-            if done.all():
-                break
-            keep = (~done).nonzero().flatten()
-            cache.keep(keep)
-            seq, first, n, rows = seq[keep], first[keep], n[keep], rows[keep]
-        # feed each row's last token and its guesses; the cache rolls back to the tokens kept
-        cache.pos = T + n - 1
-        guesses, w = lookup_guesses(seq, T + n, first, k, ngram, pad_id) if k else (seq[:, :0], 0)
-        last = seq.gather(1, (T + n - 1)[:, None])
-        pos = (T - first + n - 1)[:, None] + torch.arange(w + 1, device=device)
-        h = model.hidden(torch.cat([last, guesses], 1), position_ids=pos, cache=cache)
-    return result
-

@@ -3,7 +3,8 @@
 This file sits at the bottom of the import graph (model.py and data.py import it; it imports neither), so
 training, evaluation and distillation all take their plumbing from one place:
 
-    runtime  <-  model, data  <-  sft, evaluate, weights, schedule  <-  distill, experiment
+    runtime  <-  model, data  <-  generate, losses, checkpoints, train  <-  sft, evaluate, weights, schedule
+             <-  distill  <-  experiment
 
 Data parallelism (the paper's 8B teacher needs more than one 80 GB card to fine-tune). Under `torchrun
 --nproc_per_node N` every script that trains or scores runs with FSDP2: each decoder layer and the root are
@@ -121,6 +122,22 @@ def atomic_write_text(path, text: str):
         if os.path.exists(tmp):
             os.unlink(tmp)
 
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """safetensors file written to a temp name beside `path`, then renamed onto it: never seen half-written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @contextmanager
 def atomic_dir_all(path):
     """atomic_dir for a dir that every rank writes into (a sharded checkpoint): rank 0 makes the temp dir and, once
@@ -163,8 +180,7 @@ def resolve_device(name: str) -> torch.device:
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run on real bf16 kernels here: CUDA cards that support it, and CPUs with AVX-512 or Arm
-    bf16, where oneDNN has them. On an AVX2-only CPU a bf16 matmul is emulated: 0.8 against 87 GFLOP/s in fp32
-    on one AMD EPYC, two cores."""
+    bf16, where oneDNN has them. Elsewhere a bf16 matmul is emulated, many times slower than fp32."""
     if device.type == "cuda":  # not emulation: a T4 or V100 "supports" bf16 through fp32 kernels
         return torch.cuda.is_bf16_supported(including_emulation=False)
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private; absent means we cannot tell

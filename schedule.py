@@ -10,7 +10,7 @@ SCD picks, at the start of every distillation stage, the teacher checkpoint c th
 
 both token-means over the answer tokens of a fixed probe set drawn from the training split: a checkpoint close to
 the best teacher (Metric 1) that the current student can still follow (Metric 2), so the student walks the teacher's
-own convergence path. Beyond the paper (issue #16, each off by default): --metric-balance puts the two metrics on
+own convergence path. Beyond the paper (each off by default): --metric-balance puts the two metrics on
 one scale before adding them (balance_metrics), and --forward-only never goes back to a checkpoint earlier than the
 last stage's. CD walks the checkpoints in training order, evenly over the stages; TD always uses the best
 (or the final) teacher.
@@ -34,42 +34,31 @@ from tqdm import tqdm
 
 import data
 import runtime
-import sft
-from model import files_fingerprint, load_model, model_fingerprint
-from runtime import UserError, read_json, run_cli
-from weights import save_tensors
+from checkpoints import (checkpoint_name, files_fingerprint, items_fingerprint, list_checkpoints, model_fingerprint,
+                         read_checkpoint_index)
+from flags import add_scoring_args, resolve_scoring_args
+from losses import mean_kl
+from model import load_model
+from runtime import UserError, read_json, run_cli, save_tensors
+from train import answer_batches, load_split
 
 SCHEDULES = ("scd", "cd", "td")
 BALANCES = ("none", "spread", "weight")  # how Metric 2 is weighed against Metric 1 (none: the paper's plain sum)
-PROBE_ROWS = 256  # tokens per slice of the metric KLs: bounds the (n, V) temporaries
 
 # -----------------------------------------------------------------------------
 # the two metrics (log-probabilities (N, V) of the probe's answer tokens)
 
 
-def token_mean_kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
-    """(1/N) Σ_j Σ_v p_jv (log p_jv − log q_jv); 0 for an empty probe.
-
-    A term with p = 0 is 0, even where log p = -inf (a -inf logit), as in distill.kl_rows; q = 0 under p > 0 gives
-    +inf, which is what the KL is."""
-    total = 0.0
-    for i in range(0, logp.shape[0], PROBE_ROWS):
-        lp, lq = logp[i:i + PROBE_ROWS].float(), logq[i:i + PROBE_ROWS].float()
-        p = lp.exp()
-        total += float((p * torch.where(p > 0, lp - lq, 0.0)).sum())
-    return total / max(logp.shape[0], 1)
-
-
 def metric1(best_logp: torch.Tensor, ckpt_logp: torch.Tensor) -> float:
     """Metric 1 = KL(p_best ‖ p_c), token-mean over the probe's answer tokens: how far checkpoint c is from the best
     teacher. It does not involve the student, so it is fixed for a run."""
-    return token_mean_kl(best_logp, ckpt_logp)
+    return mean_kl(best_logp, ckpt_logp)
 
 
 def metric2(student_logp: torch.Tensor, ckpt_logp: torch.Tensor) -> float:
     """Metric 2 = KL(p_student ‖ p_c), token-mean over the probe's answer tokens: how far checkpoint c is from the
     student as it is now. Recomputed at every stage."""
-    return token_mean_kl(student_logp, ckpt_logp)
+    return mean_kl(student_logp, ckpt_logp)
 
 # -----------------------------------------------------------------------------
 # the schedulers
@@ -137,26 +126,34 @@ def candidate(step: int, m1: float | None, m2: float | None) -> dict:
 
 
 class Scheduler:
-    """Chooses the teacher checkpoint at each stage start and describes the choice as one schedule.jsonl row."""
+    """Chooses the teacher checkpoint at each stage start, and logs each choice as one schedule.jsonl row.
 
-    def __init__(self, kind: str, index: dict, n_stages: int, cache=None, final: bool = False,
-                 distinct: bool = False, used=(), balance: str = "none", metric2_weight: float = 1.0,
-                 forward_only: bool = False):
+    probe_logp(model) gives a model's log-probs on the probe set (only SCD asks). `history` is the schedule.jsonl
+    rows of a resumed run: a stage already chosen keeps its choice, and --distinct and --forward-only remember them.
+    """
+
+    def __init__(self, kind: str, index: dict, n_stages: int, cache=None, probe_logp=None, final: bool = False,
+                 distinct: bool = False, history=(), balance: str = "none", metric2_weight: float = 1.0,
+                 forward_only: bool = False, log=None):
         if kind == "scd" and cache is None:
             raise ValueError("SCD needs a probe cache")
         self.kind, self.index, self.n_stages, self.cache, self.final = kind, index, n_stages, cache, final
-        self.m1 = None  # Metric 1 per checkpoint, filled on the first SCD selection
+        self.probe_logp, self.log, self.records = probe_logp, log, list(history)
+        self.m1 = None  # Metric 1 per checkpoint, filled on the first SCD choice
+        self.chosen = {r["stage"]: r["chosen"] for r in history}
         # distinct: no checkpoint serves two stages (SCD takes the argmin over the unused ones; CD with no more
-        # stages than checkpoints never repeats); `used` restores the earlier stages' choices, in order, on a resume
-        self.distinct, self.used, self.new = distinct, set(used), False
-        # forward_only: SCD never goes back to a checkpoint earlier than the last stage's choice (not in the paper)
-        self.forward_only, self.last = forward_only, (list(used)[-1] if used else None)
+        # stages than checkpoints never repeats); forward_only: SCD never goes back before the last stage's choice
+        self.distinct, self.used = distinct, set(self.chosen.values())
+        self.forward_only, self.last = forward_only, (list(self.chosen.values())[-1] if self.chosen else None)
         self.balance, self.metric2_weight = balance, metric2_weight
 
-    def select(self, stage: int, step: int, student_logp=None) -> tuple[int, dict]:
-        """(chosen step, record). student_logp() gives the student's probe log-probs; only SCD calls it."""
+    def choose(self, stage: int, step: int, student=None) -> int:
+        """The teacher checkpoint of `stage` (which starts at optimiser step `step`): TD's one, CD's next, or SCD's
+        argmin of Metric 1 + Metric 2 against `student` as it is now. Under torchrun every rank takes rank 0's."""
+        if stage in self.chosen:
+            return self.chosen[stage]
         steps = self.index["steps"]
-        m1, m2 = {}, {}
+        m1, m2, b1, b2 = {}, {}, {}, {}
         if self.kind == "td":
             chosen = td_choice(self.index, self.final)
         elif self.kind == "cd":
@@ -165,7 +162,7 @@ class Scheduler:
             if self.m1 is None:
                 best = self.cache.load(self.index["best"])
                 self.m1 = {s: metric1(best, self.cache.load(s)) for s in steps}
-            logp = student_logp()
+            logp = self.probe_logp(student)
             m1, m2 = self.m1, {s: metric2(logp, self.cache.load(s)) for s in steps}
             free = [s for s in steps if not (self.distinct and s in self.used)
                     and not (self.forward_only and self.last is not None and s < self.last)]
@@ -175,28 +172,21 @@ class Scheduler:
             b1, b2, used_balance = balance_metrics({s: m1[s] for s in free}, {s: m2[s] for s in free},
                                                    self.balance, self.metric2_weight)
             chosen = scd_choice(b1, b2)
-        self.new = chosen not in self.used
-        self.used.add(chosen)
-        self.last = chosen
-        candidates = [candidate(s, m1.get(s), m2.get(s)) for s in steps]
-        record = {"stage": stage, "step": step, "schedule": self.kind, "chosen": chosen, "candidates": candidates}
+        record = {"stage": stage, "step": step, "schedule": self.kind, "chosen": chosen,
+                  "candidates": [candidate(s, m1.get(s), m2.get(s)) for s in steps]}
         if self.kind == "scd" and (self.balance != "none" or self.forward_only):
-            # the terms SCD compared (null for a checkpoint it could not choose); the paper's runs keep the old form
-            for c in candidates:
+            # the terms SCD compared (null for a checkpoint it could not choose); the paper's runs keep the plain form
+            for c in record["candidates"]:
                 s = c["ckpt"]
                 c["score_terms"] = [b1[s], b2[s]] if s in b1 and math.isfinite(b1[s] + b2[s]) else None
             record.update(used_balance, forward_only=self.forward_only)
-        return chosen, record
-
-    def follow(self, chosen: int):
-        """Under torchrun every rank takes rank 0's choice; the memory of what was used follows it, so --distinct and
-        --forward-only decide alike on every rank."""
-        if self.last != chosen:
-            if self.new:  # this rank's own choice, now not taken
-                self.used.discard(self.last)
-            self.new = chosen not in self.used
-            self.used.add(chosen)
-            self.last = chosen
+        chosen, record = runtime.broadcast_object((chosen, record))  # every rank follows rank 0's choice
+        self.chosen[stage], self.last = chosen, chosen
+        self.used.add(chosen)
+        self.records.append(record)
+        if self.log is not None:
+            self.log.log(record)
+        return chosen
 
 
 def format_metric1(m1: dict[int, float], metas: dict[int, dict], best: int, final: int | None) -> str:
@@ -231,40 +221,31 @@ def probe_items(items: list[dict], size: int, seed: int) -> list[dict]:
     return [items[i] for i in keep]
 
 
-@torch.no_grad()
 def probe_logprobs(model, items: list[dict], pad_id: int, batch_size: int, device, dtype: str = "fp32"):
     """fp32 log-softmax (N, V) on the CPU at the answer positions of `items`, in order."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(items), batch_size):
-        batch = sft.to_device(data.collate(items[i:i + batch_size], pad_id), device)
-        with runtime.autocast(device, dtype):
-            logits, _, _ = sft.answer_logits(model, batch)  # (n, V)
-        out.append(torch.log_softmax(logits.float(), -1).cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    return torch.cat([torch.log_softmax(logits.float(), -1).cpu() for _, logits, _, _ in
+                      answer_batches(model, items, pad_id, batch_size, device, dtype)])
 
 
 class ProbeCache:
     """Log-probs (N, V) of each teacher checkpoint on the probe set: root/probe-<key>/step_XXXXXX.safetensors.
 
-    The key is a hash of everything the values depend on: the probe's ids, tokens and labels (which carry the
-    task, chat template and --max-len), the tokenizer's files, the dtype, the device kind, and each checkpoint's
-    step and content fingerprint (model.model_fingerprint). Any change is another key, so it is computed afresh;
+    The key is a hash of everything the values depend on: the probe's examples (checkpoints.items_fingerprint:
+    ids, tokens and labels, which carry the task, chat template and --max-len), the tokenizer's files, the dtype,
+    the device kind, and each checkpoint's step and content fingerprint (checkpoints.model_fingerprint). Any change is another key, so it is computed afresh;
     stale values are never read.
     """
 
     def __init__(self, root, items: list[dict], checkpoints: list[tuple[int, Path]], dtype: str = "fp32",
                  device="cpu", tokenizer_files=()):
         self.items, self.paths, self.dtype, self.device = items, dict(checkpoints), dtype, torch.device(device)
-        self.key = {"probe": [[it["id"], it["input_ids"], it["labels"]] for it in items],
+        self.key = {"probe": items_fingerprint(items),
                     "tokenizer": files_fingerprint(tokenizer_files), "dtype": dtype, "device": self.device.type,
                     "checkpoints": [[s, model_fingerprint(p)] for s, p in checkpoints]}
         self.dir = Path(root) / f"probe-{hashlib.sha256(json.dumps(self.key).encode()).hexdigest()[:16]}"
 
     def file(self, step: int) -> Path:
-        return self.dir / f"{sft.checkpoint_name(step)}.safetensors"
+        return self.dir / f"{checkpoint_name(step)}.safetensors"
 
     def build(self, pad_id: int, batch_size: int):
         """Run each checkpoint whose file is missing over the probe set, one model in memory at a time."""
@@ -333,24 +314,24 @@ def main(argv=None):
     p.add_argument("--metric1-only", action="store_true",
                    help="print only Metric 1 (and the val loss) per checkpoint of --teacher: no student needed")
     add_balance_args(p)
-    sft.add_scoring_args(p)
+    add_scoring_args(p)
     argv_given = runtime.given_flags(p, argv)
     args = p.parse_args(argv)
     if args.metric1_only:
         runtime.refuse_unused(argv_given, {k: "--metric1-only scores no student" for k in
                                        ("student", "metric_balance", "metric2_weight")})
     check_balance_args(args, argv_given)
-    device = sft.resolve_scoring_args(args)
+    device = resolve_scoring_args(args)
     if args.probe_size <= 0:
         raise UserError("--probe-size must be positive")
 
-    index = sft.read_checkpoint_index(args.teacher)
-    checkpoints = sft.list_checkpoints(args.teacher)
+    index = read_checkpoint_index(args.teacher)
+    checkpoints = list_checkpoints(args.teacher)
     first = checkpoints[0][1]
     if not args.metric1_only:
         check_same_vocab({f"--student {args.student}": args.student, f"--teacher {first}": first})
     tok = data.load_tokenizer(first if args.metric1_only else args.student)
-    _, items = sft.load_split(tok, args, "train", args.train_size)
+    _, items = load_split(tok, args, "train", args.train_size)
     probe = probe_items(items, args.probe_size, args.seed)
     cache = ProbeCache(args.probe_cache, probe, checkpoints, args.dtype, device, tok.files)
     cache.build(tok.pad_id, args.batch_size)
@@ -362,9 +343,11 @@ def main(argv=None):
                              index["final"]))
         return
     student = load_model(args.student, device=device)
-    _, record = Scheduler("scd", index, 1, cache, balance=args.metric_balance,
-                          metric2_weight=args.metric2_weight).select(
-        0, 0, lambda: probe_logprobs(student, probe, tok.pad_id, args.batch_size, device, args.dtype))
+    scheduler = Scheduler("scd", index, 1, cache, lambda m: probe_logprobs(m, probe, tok.pad_id, args.batch_size, device,
+                                                                           args.dtype),
+                          balance=args.metric_balance, metric2_weight=args.metric2_weight)
+    scheduler.choose(0, 0, student)
+    record = scheduler.records[-1]
     if record.get("metric_balance"):
         print(f"metric balance: {json.dumps({k: v for k, v in record.items() if k.startswith(('metric', 'spread'))})}"
               "; chosen by the balanced sum")

@@ -18,17 +18,14 @@ One safetensors shard per checkpoint, OUT/step_XXXXXX.safetensors, holding for e
 
 All log-probs are at temperature 1; distill.py re-tempers them. OUT/manifest.json holds the form and the key the
 values depend on (cache_key): the training items' ids and tokens, max length, forward dtype and device kind, and
-each checkpoint's weight files and tokenizer. A run whose key differs is refused with the part that differs; a
+each checkpoint's content (checkpoints.model_fingerprint). A run whose key differs is refused with the part that differs; a
 rebuild redoes only the checkpoints whose files changed.
 """
 
 import argparse
-import hashlib
 import json
 import shutil
-import struct
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -36,47 +33,27 @@ from tqdm import tqdm
 import data
 import runtime
 import schedule
-import sft
-from model import checkpoint_files, load_model
-from runtime import UserError, atomic_write_text, read_json, run_cli
-from weights import save_tensors
+from checkpoints import checkpoint_name, checkpoint_steps, items_fingerprint, list_checkpoints, model_fingerprint
+from flags import add_scoring_args, resolve_scoring_args
+from losses import TopK
+from model import load_model
+from runtime import UserError, atomic_write_text, read_json, run_cli, save_tensors
+from train import answer_batches, load_split
 
 FORMS = ("exact", "topk")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MANIFEST = "manifest.json"
-VERSION = 1
-DEFAULT_K = 64  # NCBI, SFT teacher: the mean KD term within 0.5 % of exact at k = 64 (README, Performance)
+VERSION = 2  # 2: keyed by checkpoints.items_fingerprint and model_fingerprint
+DEFAULT_K = 64  # the mean KD term stays close to exact at k = 64 (bench/topk_error.py)
 
 # -----------------------------------------------------------------------------
 # the key: everything a cached value depends on
 
 
-def file_fingerprint(path: Path) -> list:
-    """size, mtime_ns and the sha256 of a safetensors file's header (names, shapes, dtypes, offsets)."""
-    st = path.stat()
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = f.read(min(n, 100_000_000))
-    return [st.st_size, st.st_mtime_ns, hashlib.sha256(header).hexdigest()]
-
-
-def checkpoint_fingerprint(ckpt: Path) -> str:
-    """One checkpoint dir: its weight files and its tokenizer.json, which gives the token ids their meaning."""
-    tok = Path(ckpt) / "tokenizer.json"
-    parts = [[f.name, *file_fingerprint(f)] for f in checkpoint_files(Path(ckpt))]
-    parts.append(hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None)
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
-def items_fingerprint(items: list[dict]) -> str:
-    return hashlib.sha256(json.dumps([[it["id"], it["input_ids"], it["labels"]] for it in items]).encode()
-                          ).hexdigest()[:16]
-
-
 def cache_key(items: list[dict], checkpoints: dict[int, Path], max_len: int, dtype: str, device_kind: str) -> dict:
     """What the teacher's answer-position log-probs depend on, part by part, so a mismatch can be named."""
     return {"data": items_fingerprint(items), "n_items": len(items), "max_len": max_len, "dtype": dtype,
-            "device": device_kind, "checkpoints": {str(s): checkpoint_fingerprint(p) for s, p in checkpoints.items()}}
+            "device": device_kind, "checkpoints": {str(s): model_fingerprint(p) for s, p in checkpoints.items()}}
 
 
 def answer_counts(items: list[dict]) -> list[int]:
@@ -102,20 +79,14 @@ def top_k(logp: torch.Tensor, k: int, precision: str = "fp16"):
     return values.to(PRECISIONS[precision]), indices.int(), tail
 
 
-@torch.no_grad()
 def checkpoint_tensors(model, items: list[dict], pad_id: int, form: str, k: int, precision: str, probe_ids: set,
                        batch_size: int, device, dtype: str) -> dict[str, torch.Tensor]:
     """One checkpoint's shard contents: its fp32 log-softmax at each item's answer positions, kept whole or as
-    top-k + tail, plus the gold token's log-prob. Batches are taken by length to pad little."""
-    model.eval()
+    top-k + tail, plus the gold token's log-prob."""
     store = PRECISIONS[precision]
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     out = {}
-    for i in range(0, len(order), batch_size):
-        chunk = [items[j] for j in order[i:i + batch_size]]
-        batch = sft.to_device(data.collate(chunk, pad_id), device)
-        with runtime.autocast(device, dtype):
-            logits, labels, rows = sft.answer_logits(model, batch)  # (N, V), (N,), (N,)
+    for idx, logits, labels, rows in answer_batches(model, items, pad_id, batch_size, device, dtype, by_length=True):
+        chunk = [items[j] for j in idx]
         logp = torch.log_softmax(logits.float(), -1)
         gold = logp.gather(-1, labels[:, None])[:, 0]
         if form == "topk":
@@ -141,7 +112,7 @@ def build(out, teacher_dir, items: list[dict], pad_id: int, max_len: int, form: 
     """Write (or complete) the cache of every checkpoint in teacher_dir (or `steps` of them), one model in memory at a
     time. Shards made for these items, settings and checkpoint files are kept; everything else is redone."""
     out = Path(out)
-    checkpoints = dict(sft.list_checkpoints(teacher_dir))
+    checkpoints = dict(list_checkpoints(teacher_dir))
     if steps is not None:
         checkpoints = {s: checkpoints[s] for s in steps}
     if not checkpoints:
@@ -181,18 +152,10 @@ def build(out, teacher_dir, items: list[dict], pad_id: int, max_len: int, form: 
 
 
 def shard(root: Path, step: int) -> Path:
-    return Path(root) / f"{sft.checkpoint_name(step)}.safetensors"
+    return Path(root) / f"{checkpoint_name(step)}.safetensors"
 
 # -----------------------------------------------------------------------------
 # reading
-
-
-class TopK(NamedTuple):
-    """A top-k teacher at N answer positions (temperature 1)."""
-    values: torch.Tensor  # (N, k) the k largest log-probs
-    indices: torch.Tensor  # (N, k) their token ids (int64)
-    tail: torch.Tensor  # (N,) log of the remaining mass, -inf when k = V
-    vocab_size: int
 
 
 class TeacherCache:
@@ -237,7 +200,8 @@ class TeacherCache:
                                 f"example {missing[0]}; rebuild it with the run's --probe-size and --seed in "
                                 "--probe-size/--seeds")
 
-    def checkpoint(self, step: int) -> "CachedTeacher":
+    def get(self, step: int) -> "CachedTeacher":
+        """The teacher of checkpoint `step`, as distill.py asks its teacher source for it."""
         return CachedTeacher(shard(self.root, step), self.form, self.manifest["vocab_size"])
 
     def probe(self, items: list[dict]) -> "CachedProbe":
@@ -246,7 +210,8 @@ class TeacherCache:
 
 
 class CachedTeacher:
-    """One checkpoint's shard, memory-mapped; serves distill_step in place of the teacher model."""
+    """One checkpoint's shard, memory-mapped; serves distill_step in place of the teacher model
+    (teachers.ModelTeacher) with the same interface."""
 
     def __init__(self, path: Path, form: str, vocab_size: int):
         from safetensors import SafetensorError, safe_open
@@ -259,18 +224,22 @@ class CachedTeacher:
     def get(self, kind: str, ids: list[str], device) -> torch.Tensor:
         return torch.cat([self.file.get_tensor(f"{kind}/{i}") for i in ids]).to(device)
 
-    def targets(self, batch: dict, device):
-        """The teacher at the batch's N answer positions, in sft.answer_positions order: ((N, V) fp32 log-probs or
-        TopK, (N,) log p(gold))."""
+    def targets(self, batch: dict):
+        """The teacher at the batch's N answer positions, in train.answer_positions order: (N, V) fp32 log-probs or a
+        TopK, and (N,) the CE of its gold tokens, −log p(gold)."""
+        device = batch["input_ids"].device
         gold = self.get("gold", batch["ids"], device)
         n = int((batch["labels"][:, 1:] != data.IGNORE).sum())
         if gold.shape[0] != n:
             raise UserError(f"{self.path}: {gold.shape[0]} answer positions cached for this batch, it has {n}; "
                             "the cache is stale, rebuild it")
         if self.form == "exact":
-            return self.get("logp", batch["ids"], device).float(), gold
+            return self.get("logp", batch["ids"], device).float(), -gold
         return TopK(self.get("values", batch["ids"], device).float(), self.get("indices", batch["ids"], device).long(),
-                    self.get("tail", batch["ids"], device), self.vocab_size), gold
+                    self.get("tail", batch["ids"], device), self.vocab_size), -gold
+
+    def idle(self, batch: dict):
+        """Nothing to run for a rank's empty share of a batch: the cache has no collectives."""
 
 
 class CachedProbe:
@@ -281,7 +250,7 @@ class CachedProbe:
 
     def load(self, step: int) -> torch.Tensor:
         kind = "logp" if self.cache.form == "exact" else "probe"
-        return self.cache.checkpoint(step).get(kind, self.ids, "cpu").float()
+        return self.cache.get(step).get(kind, self.ids, "cpu").float()
 
 # -----------------------------------------------------------------------------
 
@@ -304,24 +273,24 @@ def main(argv=None):
     p.add_argument("--seeds", default="0", help="comma-separated --seed values of the distill runs (their probe sets)")
     p.add_argument("--tokenizer", default=None, help="model dir whose tokenizer encodes the data, as distill.py's "
                                                      "--init (default: the first teacher checkpoint)")
-    sft.add_scoring_args(p)
+    add_scoring_args(p)
     args = p.parse_args(argv)
-    device = sft.resolve_scoring_args(args)
+    device = resolve_scoring_args(args)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if args.top_k < 1 or args.probe_size < 1:
         raise UserError("--top-k and --probe-size must be positive")
-    checkpoints = sft.list_checkpoints(args.teacher)
+    checkpoints = list_checkpoints(args.teacher)
     if not checkpoints:
         raise UserError(f"{args.teacher}: no complete checkpoints (step_XXXXXX/ with meta.json); run sft.py first")
-    steps = None if args.steps == "all" else sft.checkpoint_steps(args.teacher, args.steps)
+    steps = None if args.steps == "all" else checkpoint_steps(args.teacher, args.steps)
     tok_dir = Path(args.tokenizer or checkpoints[0][1])
     schedule.check_same_vocab({f"--tokenizer {tok_dir}": tok_dir,
                                **{f"--teacher {p_}": p_ for _, p_ in checkpoints}})
     tok = data.load_tokenizer(tok_dir)
-    _, items = sft.load_split(tok, args, "train", args.train_size)
+    _, items = load_split(tok, args, "train", args.train_size)
     if not items:
         raise UserError(f"task {args.task}: the training split is empty")
     probe_ids = {it["id"] for s in seeds for it in schedule.probe_items(items, args.probe_size, s)}

@@ -13,21 +13,20 @@ on the Teacher-Favored Subdomain (TFS), w > ½ and the teacher dominates. The an
 """
 
 import argparse
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 import runtime
-import sft
-from model import files_fingerprint, load_model, model_fingerprint
-from runtime import UserError, atomic_write_text, run_cli
+from checkpoints import (checkpoint_name, checkpoint_steps, files_fingerprint, final_checkpoint, item_digest,
+                         model_fingerprint, read_checkpoint_index)
+from flags import add_scoring_args, resolve_scoring_args
+from losses import per_token_ce
+from model import load_model
+from runtime import UserError, atomic_write_text, run_cli, save_tensors
+from train import answer_batches, load_split
 
 LOSS_FLOOR = 1e-12  # a zero loss becomes this before the log: w stays defined when a model is perfect
 LOSS_CEIL = 1e30  # an inf loss becomes this, so inf/inf cannot give NaN
@@ -57,20 +56,13 @@ def sample_mean(values: torch.Tensor, sample_idx: torch.Tensor, n_samples: int) 
     return sums / counts
 
 
-@torch.no_grad()
 def sample_losses(model, items: list[dict], pad_id: int, batch_size: int, device, dtype: str = "fp32",
                   desc: str | None = None) -> torch.Tensor:
-    """Token-mean answer CE of each item (n,), in the items' order. Batches are taken by length to pad little."""
-    model.eval()
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    """Token-mean answer CE of each item (n,), in the items' order: L_stuSFT or L_ckpt of AW."""
     out = torch.zeros(len(items))
-    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
-        idx = order[i:i + batch_size]
-        batch = sft.to_device(data.collate([items[k] for k in idx], pad_id), device)
-        with runtime.autocast(device, dtype):
-            logits, labels, rows = sft.answer_logits(model, batch)  # (N, V), (N,), (N,)
-        ce = F.cross_entropy(logits.float(), labels, reduction="none")
-        out[idx] = sample_mean(ce, rows, len(idx)).cpu()
+    for idx, logits, labels, rows in answer_batches(model, items, pad_id, batch_size, device, dtype, by_length=True,
+                                                    desc=desc):
+        out[idx] = sample_mean(per_token_ce(logits, labels), rows, len(idx)).cpu()
     return out
 
 # -----------------------------------------------------------------------------
@@ -123,23 +115,7 @@ def format_sfs_tfs(rows: dict[str, dict]) -> str:
 
 
 def column_name(step: int) -> str:
-    return sft.checkpoint_name(step)
-
-
-def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
-    """safetensors file written to a temp name beside `path`, then renamed onto it: never seen half-written."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return checkpoint_name(step)
 
 
 def save_losses(path, ids: list[str], columns: dict[str, torch.Tensor], meta: dict):
@@ -167,12 +143,6 @@ def load_losses(path) -> tuple[list[str], dict[str, torch.Tensor], dict]:
     return ids, columns, meta
 
 
-def item_digest(item: dict) -> str:
-    """A short hash of an encoded example: its id, tokens and labels, so the template, tokenizer, --max-len and the
-    text itself are all in it (an edited JSONL line keeps its `file:line` id but not its digest)."""
-    return hashlib.sha256(json.dumps([item["id"], item["input_ids"], item["labels"]]).encode()).hexdigest()[:16]
-
-
 def table_key(task: str, max_len: int, dtype: str, device, tokenizer_files, student_dir) -> dict:
     """What a table's L_stuSFT values depend on besides the examples: task, max length, dtype, device kind, the
     tokenizer's files and the SFT student's weights (model.model_fingerprint); the path only for the reader."""
@@ -196,11 +166,115 @@ def table_mismatch(meta: dict, ids: list[str], items: list[dict], key: dict) -> 
     return None
 
 
-def student_sft_checkpoint(run_dir) -> Path:
-    """The frozen SFT student: the final checkpoint of its run (the newest if the run has no final yet)."""
-    index = sft.read_checkpoint_index(run_dir)
-    step = index["final"] if index["final"] is not None else index["steps"][-1]
-    return Path(run_dir) / sft.checkpoint_name(step)
+# -----------------------------------------------------------------------------
+# AW's anchor: whose per-sample loss w compares the checkpoint's with
+
+
+def student_losses_for(items: list[dict], paths, key: dict) -> tuple[torch.Tensor | None, list[str]]:
+    """L_stuSFT of each item from the first loss table in `paths` made under `key` (table_key) from these very
+    examples, or None; and why each table that exists was passed over."""
+    why = []
+    for path in paths:
+        if not Path(path).is_file():
+            why.append(f"{path}: not found")
+            continue
+        ids, columns, meta = load_losses(path)
+        reason = "it has no L_stuSFT column" if STUDENT not in columns else table_mismatch(meta, ids, items, key)
+        if reason is None:
+            row = {i: k for k, i in enumerate(ids)}
+            return columns[STUDENT][[row[it["id"]] for it in items]], why
+        why.append(f"{path}: {reason}")
+    return None, why
+
+
+def lookup(ids: list[str], losses: torch.Tensor):
+    """ids of a batch -> their losses (B,)."""
+    by_id = dict(zip(ids, losses.tolist()))
+    return lambda batch_ids: torch.tensor([by_id[i] for i in batch_ids])
+
+
+class FrozenAnchor:
+    """The paper's AW reference: L_stuSFT, the per-sample loss of the frozen SFT student, the same at every stage.
+    Read from weights.py's table when it was made for this run (key, items), else scored once here and kept in
+    `own` for a resume."""
+
+    def __init__(self, student_sft: Path, items: list[dict], tok, key: dict, table, own: Path, batch_size: int,
+                 device, dtype: str):
+        losses, why = student_losses_for(items, [table, own], key)
+        if losses is None and runtime.is_main():  # under torchrun rank 0 scores, the others read its table
+            print(f"--aw-table {table} does not match this run ({'; '.join(why)}): scoring the SFT student "
+                  f"{student_sft}")
+            model = load_model(student_sft, device=device)
+            losses = sample_losses(model, items, tok.pad_id, batch_size, device, dtype, "L_stuSFT")
+            del model
+            save_losses(own, [it["id"] for it in items], {STUDENT: losses},
+                        {**key, "item_digests": [item_digest(it) for it in items]})
+        runtime.barrier()
+        if losses is None:
+            losses, _ = student_losses_for(items, [own], key)
+        self.losses = lookup([it["id"] for it in items], losses)
+
+    def at_stage(self, stage: int, student):
+        return self.losses
+
+
+class StageAnchor:
+    """Dynamic AW (--aw-anchor current, not in the paper): the anchor of w = σ(log L_anchor − log L_ckpt) is the
+    student's own per-sample loss at the start of each stage, in place of the frozen SFT student's. Scored once per
+    stage and kept in dir/stage_XX.safetensors, so a resumed stage reads the very values it used."""
+
+    def __init__(self, dir: Path, items: list[dict], pad_id: int, batch_size: int, device, dtype: str):
+        self.dir, self.items, self.pad_id, self.batch_size, self.device, self.dtype = (dir, items, pad_id,
+                                                                                        batch_size, device, dtype)
+
+    def at_stage(self, stage: int, student):
+        path = self.dir / f"stage_{stage:02d}.safetensors"
+        if runtime.broadcast_object(path.exists()):  # one decision for all ranks: scoring runs the sharded student
+            ids, columns, _ = load_losses(path)
+            return lookup(ids, columns["anchor"])
+        losses = sample_losses(student, self.items, self.pad_id, self.batch_size, self.device, self.dtype,
+                               f"AW anchor, stage {stage}")
+        ids = [it["id"] for it in self.items]
+        runtime.main_first(save_losses, path, ids, {"anchor": losses}, {"stage": stage})
+        return lookup(ids, losses)
+
+# -----------------------------------------------------------------------------
+# the student's loss on each side, after every stage (--sides)
+
+
+class SideLosses:
+    """The student's mean answer loss on the SFS and on the TFS examples of weights.py's sfs_tfs.json (the final
+    teacher's split), measured after every stage; refused when the file names examples this run does not train on."""
+
+    def __init__(self, path, items: list[dict], pad_id: int, batch_size: int, device, dtype: str):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--sides {path}: not found; weights.py writes sfs_tfs.json")
+        try:
+            split = final_split(runtime.read_json(path))
+            self.sides = {"sfs": list(split["sfs_ids"]), "tfs": list(split["tfs_ids"])}
+        except (KeyError, TypeError, StopIteration, ValueError, AttributeError):
+            raise UserError(f"--sides {path}: not an sfs_tfs.json written by weights.py") from None
+        known = {it["id"] for it in items}
+        missing = [i for ids in self.sides.values() for i in ids if i not in known]
+        if missing:
+            raise UserError(f"--sides {path}: example {missing[0]!r} is not in this run's training examples; "
+                            "make the file with the same --task, --data and --train-size")
+        self.items, self.pad_id, self.batch_size, self.device, self.dtype = items, pad_id, batch_size, device, dtype
+
+    def __call__(self, student) -> dict:
+        losses = sample_losses(student, self.items, self.pad_id, self.batch_size, self.device, self.dtype,
+                               "stage-end losses")
+        return side_means(losses, self.items, self.sides)
+
+
+def side_means(losses: torch.Tensor, items: list[dict], sides: dict[str, list[str]]) -> dict:
+    """The mean answer loss (mean over examples of the token-mean CE) on the SFS and on the TFS examples."""
+    row = {it["id"]: k for k, it in enumerate(items)}
+    return {f"{side}_loss": float(losses[[row[i] for i in ids]].mean()) if ids else None
+            for side, ids in sides.items()}
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -211,22 +285,22 @@ def main(argv=None):
     p.add_argument("--steps", default="all",
                    help="teacher checkpoints to score: 'all', 'best,final', or comma-separated steps")
     p.add_argument("--out", default="runs/aw", help="output dir for losses.safetensors and sfs_tfs.json")
-    sft.add_scoring_args(p)
+    add_scoring_args(p)
     args = p.parse_args(argv)
-    device = sft.resolve_scoring_args(args)
+    device = resolve_scoring_args(args)
     runtime.init_distributed(device)  # torchrun: each rank scores every N-th example with a whole copy of the model
 
-    index = sft.read_checkpoint_index(args.teacher)
-    steps = sft.checkpoint_steps(args.teacher, args.steps)
-    student_dir = student_sft_checkpoint(args.student_sft)
+    index = read_checkpoint_index(args.teacher)
+    steps = checkpoint_steps(args.teacher, args.steps)
+    student_dir = final_checkpoint(args.student_sft)
     tok = data.load_tokenizer(student_dir)
-    _, items = sft.load_split(tok, args, "train", args.train_size)
+    _, items = load_split(tok, args, "train", args.train_size)
     if not items:
         raise UserError(f"task {args.task}: the training split is empty")
     ids = [it["id"] for it in items]
 
     columns = {}
-    runs = [(STUDENT, student_dir)] + [(column_name(s), Path(args.teacher) / sft.checkpoint_name(s)) for s in steps]
+    runs = [(STUDENT, student_dir)] + [(column_name(s), Path(args.teacher) / checkpoint_name(s)) for s in steps]
     mine = list(range(runtime.rank(), len(items), runtime.world()))  # all of them in one process
     for name, path in runs:  # one model in memory at a time
         model = load_model(path, device=device)

@@ -30,9 +30,10 @@ from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
 import schedule  # noqa: E402
-import sft  # noqa: E402
+import train  # noqa: E402
 from model import checkpoint_files, load_model  # noqa: E402
 from runtime import run_cli  # noqa: E402
+from teachers import ModelTeacher  # noqa: E402
 
 PAGE_FLOATS = 1024  # 4 KiB of fp32; bf16 tensors are read at twice the needed density, which is harmless
 
@@ -115,15 +116,15 @@ def main():
         t_build, _ = timed(lambda: cache.build(tok.pad_id, a.eval_batch_size))
         steps = list(range(1, a.checkpoints + 1))
         index = {"steps": steps, "best": steps[-1], "final": steps[-1]}
-        scheduler = schedule.Scheduler("scd", index, a.stages, OneFileCache(cache, 1))
+        scheduler = schedule.Scheduler("scd", index, a.stages, OneFileCache(cache, 1), lambda f: f())
         def logp():
             return schedule.probe_logprobs(student, probe, tok.pad_id, a.eval_batch_size, device, a.dtype)
-        t_first, _ = timed(lambda: scheduler.select(0, 0, logp))
-        t_select = statistics.median(timed(lambda: scheduler.select(1, 1, logp))[0] for _ in range(3))
+        t_first, _ = timed(lambda: scheduler.choose(0, 0, logp))
+        t_select = statistics.median(timed(lambda s=s: scheduler.choose(s, s, logp))[0] for s in range(1, 4))
 
     batches = data.length_grouped_batches([len(it["input_ids"]) for it in items], a.batch_size, seed=0, epoch=0)
     teacher = load_model(a.checkpoint, dtype=dtype).requires_grad_(False).eval()
-    optimizer = sft.make_optimizer(student, 1e-6)
+    optimizer = train.make_optimizer(student, 1e-6)
     args = SimpleNamespace(loss="fkl", temperature=1.0, alpha=0.5, beta=0.5, lam=0.1, dtype=a.dtype)
     l_stu = torch.rand(a.batch_size) + 0.5
     rng = torch.Generator().manual_seed(0)
@@ -131,9 +132,9 @@ def main():
     t_step = []
     for i in torch.randint(1, len(batches), (3,), generator=rng).tolist():  # random batches, not the longest
         batch = data.collate([items[k] for k in batches[i]], tok.pad_id)
-        t, stats = timed(lambda b=batch: distill.distill_step(student, teacher, [b], lambda ids: l_stu[:len(ids)],
-                                                              args, device))
-        sft.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
+        t, stats = timed(lambda b=batch: distill.distill_step(student, ModelTeacher(teacher, device, a.dtype),
+                                                              lambda ids: l_stu[:len(ids)], [b], args, device))
+        train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
         t_step.append(t)
     step = statistics.median(t_step)
     load = statistics.median(t_load)

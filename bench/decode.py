@@ -1,4 +1,4 @@
-"""Greedy KV-cache decoding: our `model.generate` vs transformers' `generate`, same model, prompts and length.
+"""Greedy KV-cache decoding: our `generate.generate` vs transformers' `generate`, same model, prompts and length.
 
     python bench/decode.py                                # models/teacher, 8 NCBI-disease prompts, 32 new tokens
     python bench/decode.py --batch-size 1 --prompts 4     # one prompt at a time
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
-from model import generate, left_pad, load_model  # noqa: E402
+from generate import generate, left_pad  # noqa: E402
+from model import load_model  # noqa: E402
 from runtime import UserError, run_cli  # noqa: E402
 
 
@@ -113,7 +114,7 @@ def main():
             fn()
             times[k].append(time.perf_counter() - t0)
     n_tokens = {k: sum(len(o) for o in v) for k, v in outs.items()}
-    for k, label in (("hf", "transformers generate"), ("ours", "ours model.generate")):
+    for k, label in (("hf", "transformers generate"), ("ours", "ours generate.generate")):
         t = statistics.median(times[k])
         print(f"  {label:22s} {t:7.2f} s  {n_tokens[k] / t:7.1f} new tok/s  (rounds: "
               f"{', '.join(f'{x:.2f}' for x in times[k])})")

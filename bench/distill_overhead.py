@@ -3,8 +3,8 @@
     python bench/distill_overhead.py                     # models/student from models/teacher, SCD defaults (AW, fkl)
     python bench/distill_overhead.py --no-aw --loss jsd --dtype fp32
 
-reference = sft.train_step + optimiser step on the student, plus the teacher's no-grad answer logits
-(sft.answer_logits) on the same batch: the work any logit distillation must do. distill = distill.distill_step +
+reference = train.train_step + optimiser step on the student, plus the teacher's no-grad answer logits
+(train.answer_logits) on the same batch: the work any logit distillation must do. distill = distill.distill_step +
 the same optimiser step: teacher logits, AW weights from the teacher's CE, the chunked divergence with the student's
 head inside, backward. The ratio distill / reference is what the scheduler-free part of SCD costs on top (target:
 <= 1.10x); the per-stage probe and checkpoint switch are measured by bench/ckpt_switch.py. The batch is a real
@@ -25,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
+import losses  # noqa: E402
 import runtime  # noqa: E402
-import sft  # noqa: E402
+import train  # noqa: E402
 from model import load_model  # noqa: E402
 from runtime import run_cli  # noqa: E402
+from teachers import ModelTeacher  # noqa: E402
 
 
 def real_batch(tok, task, n, batch_size, max_len):
@@ -48,7 +50,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8, help="examples in the batch (cpu preset: 8)")
     p.add_argument("--max-len", type=int, default=256, help="truncate examples to this many tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="as distill.py's --dtype")
-    p.add_argument("--loss", choices=sorted(distill.DIVERGENCES), default="fkl", help="the KD divergence")
+    p.add_argument("--loss", choices=sorted(losses.DIVERGENCES), default="fkl", help="the KD divergence")
     p.add_argument("--aw", action=argparse.BooleanOptionalAction, default=True, help="AW weights (else alpha 0.5)")
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (each runs both once)")
     add_threads_arg(p)
@@ -60,25 +62,25 @@ def main():
     student = load_model(a.student).train()
     teacher_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32  # as distill.py loads it
     teacher = load_model(a.teacher, dtype=teacher_dtype).requires_grad_(False).eval()
-    optimizer = sft.make_optimizer(student, 1e-6)
+    optimizer = train.make_optimizer(student, 1e-6)
     args = SimpleNamespace(loss=a.loss, temperature=1.0, alpha=0.5, beta=0.5, lam=0.1, dtype=a.dtype)
     l_stu = torch.rand(a.batch_size) + 0.5
     stu_sft = (lambda ids: l_stu[:len(ids)]) if a.aw else None
 
     def reference():
         with torch.no_grad(), runtime.autocast(device, a.dtype):
-            sft.answer_logits(teacher, batch)
-        loss, grad_norm, _ = sft.train_step(student, [batch], device, a.dtype)
-        sft.apply_update(optimizer, 1e-6, 0, loss, grad_norm)
+            train.answer_logits(teacher, batch)
+        loss, grad_norm, _ = train.train_step(student, [batch], device, a.dtype)
+        train.apply_update(optimizer, 1e-6, 0, loss, grad_norm)
 
     def distill_step():
-        stats = distill.distill_step(student, teacher, [batch], stu_sft, args, device)
-        sft.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
+        stats = distill.distill_step(student, ModelTeacher(teacher, device, a.dtype), stu_sft, [batch], args, device)
+        train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
 
     runs = {"reference": reference, "distill": distill_step}
     B, T = batch["input_ids"].shape
     print(f"student {a.student} ({student.num_params() / 1e6:.1f}M), teacher {a.teacher} "
-          f"({teacher.num_params() / 1e6:.1f}M, {a.dtype}); batch {B}x{T}, {sft.n_answer_tokens(batch)} answer "
+          f"({teacher.num_params() / 1e6:.1f}M, {a.dtype}); batch {B}x{T}, {train.n_answer_tokens(batch)} answer "
           f"tokens; {a.loss}{' + AW' if a.aw else ''}; torch {torch.get_num_threads()} threads")
     print("other processes share this CPU: the two alternate and medians are compared")
     for fn in runs.values():  # warm-up, untimed

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
-import sft  # noqa: E402
+import train  # noqa: E402
 from model import load_model  # noqa: E402
 from runtime import run_cli  # noqa: E402
 
@@ -48,13 +48,13 @@ def main():
     orders = {"grouped": data.length_grouped_batches(lengths, a.batch_size, seed=a.seed, epoch=0),
               "random": [perm[i:i + a.batch_size] for i in range(0, len(perm), a.batch_size)]}
     model = load_model(a.model, device=device)
-    optimizer = sft.make_optimizer(model, 1e-5)
+    optimizer = train.make_optimizer(model, 1e-5)
     model.train()
 
     def step(batch_idx):
         batch = data.collate([items[i] for i in batch_idx], tok.pad_id)
-        loss, grad_norm, _ = sft.train_step(model, [batch], device, a.dtype)
-        sft.apply_update(optimizer, 1e-5, 0, loss, grad_norm)
+        loss, grad_norm, _ = train.train_step(model, [batch], device, a.dtype)
+        train.apply_update(optimizer, 1e-5, 0, loss, grad_norm)
 
     print(f"{a.model} ({model.num_params() / 1e6:.1f}M params, {a.dtype}), {len(items)} {a.task} train examples "
           f"({sum(lengths) / len(lengths):.0f} tokens on average), batch {a.batch_size}, torch "

@@ -3,9 +3,9 @@
     python bench/kl_memory.py                            # vocab 128256 (Llama 3), 4096 answer tokens, forward KL
     python bench/kl_memory.py --tokens 1024 --loss jsd
 
-Both variants compute distill.token_losses (divergence and gold CE per answer token, the student's LM head applied
+Both variants compute losses.token_losses (divergence and gold CE per answer token, the student's LM head applied
 inside) from the same inputs: student hidden states h (N, D) and head weight (V, D) with gradients, teacher logits
-(N, V) without. "chunked" is what distill.py runs (distill.chunk_rows rows at a time under activation
+(N, V) without. "chunked" is what distill.py runs (losses.chunk_rows rows at a time under activation
 checkpointing); "naive" passes rows=N, so the head's logits, both log-softmaxes and every temporary exist for all N
 rows at once. Loss = sum of 0.5 * KD + 0.5 * CE, then backward.
 
@@ -57,7 +57,7 @@ def run_variant(a):
     """In the child: build the inputs, run forward + backward of one variant, write stats and gradients."""
     from safetensors.torch import save_file
 
-    import distill
+    import losses
 
     set_threads(a.threads)
     torch.manual_seed(0)
@@ -69,10 +69,10 @@ def run_variant(a):
     base = rss()
     if a.as_limit:
         resource.setrlimit(resource.RLIMIT_AS, (vsize() + a.as_limit, resource.RLIM_INFINITY))
-    rows = N if a.variant == "naive" else distill.chunk_rows(V)
+    rows = N if a.variant == "naive" else losses.chunk_rows(V)
     t0 = time.perf_counter()
     try:
-        kd, ce = distill.token_losses(h, lambda x: x @ w.t(), teacher, labels, a.loss, rows=rows)
+        kd, ce = losses.token_losses(h, lambda x: x @ w.t(), teacher, labels, a.loss, rows=rows)
         loss = (0.5 * kd + 0.5 * ce).sum()
         loss.backward()
     except RuntimeError as e:  # over the cap: report, do not crash the machine

@@ -5,7 +5,7 @@ torchrun with FSDP2: the figures the README's memory plan (bench/memory_plan.py)
     python bench/scale.py --shape llama-3.2-3b --device cuda --batch 8 --seq 512
     torchrun --nproc_per_node 8 bench/scale.py --shape llama-3.1-8b --device cuda --batch 8 --seq 512
 
-One step is what sft.py runs: sft.train_step (forward, answer-token CE divided by the global token count,
+One step is what sft.py runs: train.train_step (forward, answer-token CE divided by the global token count,
 backward, clip 1.0; under torchrun the FSDP2 all-gathers and reduce-scatters) and AdamW. Random weights of the
 named shape (built on the meta device and materialised after sharding, so an 8B model never exists whole on a
 rank), random tokens, the last --answer-tokens of each sequence labelled. Both settings, activation checkpointing off
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime  # noqa: E402
-import sft  # noqa: E402
+import train  # noqa: E402
 from memory_plan import MODELS  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -73,7 +73,7 @@ def stored_bytes(model, b: dict, dtype: str, device) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runtime.autocast(device, dtype):
-        loss = sft.sft_loss_sum(model, b)
+        loss = train.sft_loss_sum(model, b)
     loss.backward()  # under FSDP the gradient reduce-scatter must run on every rank; the gradients are dropped
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -97,7 +97,7 @@ def main(argv=None):
     runtime.init_distributed(device)
     dtype = runtime.resolve_dtype(a.dtype, device)
     model = build(a.shape, device, a.layers)
-    optimizer = sft.make_optimizer(model, 1e-5)
+    optimizer = train.make_optimizer(model, 1e-5)
     n_params = sum(p.numel() for p in model.parameters())  # a DTensor's numel is the whole parameter's
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -111,7 +111,7 @@ def main(argv=None):
                 torch.cuda.reset_peak_memory_stats(device)
             sync()
             t0 = time.perf_counter()
-            loss, grad_norm, _ = sft.train_step(model, [b], device, dtype)
+            loss, grad_norm, _ = train.train_step(model, [b], device, dtype)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync()

@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
-import sft  # noqa: E402
 import teacher_cache  # noqa: E402
+import train  # noqa: E402
 from model import load_model  # noqa: E402
 from runtime import run_cli  # noqa: E402
-from weights import save_tensors  # noqa: E402
+from runtime import save_tensors  # noqa: E402
+from teachers import ModelTeacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,21 +95,22 @@ def main():
                                                    a.batch_size, device, a.dtype)
         save_tensors(tmp / f"{form}.safetensors", tensors, {})
         cached[form] = teacher_cache.CachedTeacher(tmp / f"{form}.safetensors", form, teacher.args.vocab_size)
-    optimizer = sft.make_optimizer(student, 1e-6)
+    optimizer = train.make_optimizer(student, 1e-6)
     args = SimpleNamespace(loss="fkl", temperature=1.0, alpha=0.5, beta=0.5, lam=0.1, dtype=a.dtype)
     l_stu = torch.rand(a.batch_size) + 0.5
     stu_sft = (lambda ids: l_stu[:len(ids)]) if a.aw else None
 
     def step(source):
         def run():
-            stats = distill.distill_step(student, source, [batch], stu_sft, args, device)
-            sft.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
+            stats = distill.distill_step(student, source, stu_sft, [batch], args, device)
+            train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
         return run
 
-    runs = {"online": step(teacher), "exact": step(cached["exact"]), "topk": step(cached["topk"])}
+    runs = {"online": step(ModelTeacher(teacher, device, a.dtype)), "exact": step(cached["exact"]),
+            "topk": step(cached["topk"])}
     B, T = batch["input_ids"].shape
     print(f"student {a.student} ({student.num_params() / 1e6:.1f}M), teacher {a.teacher} "
-          f"({teacher.num_params() / 1e6:.1f}M, {a.dtype}); batch {B}x{T}, {sft.n_answer_tokens(batch)} answer "
+          f"({teacher.num_params() / 1e6:.1f}M, {a.dtype}); batch {B}x{T}, {train.n_answer_tokens(batch)} answer "
           f"tokens; fkl{' + AW' if a.aw else ''}; top-k k={a.top_k}; torch {torch.get_num_threads()} threads")
     for fn in runs.values():  # warm-up, untimed
         fn()

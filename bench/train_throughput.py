@@ -5,7 +5,7 @@
     python bench/train_throughput.py --device cuda --batch-size 8 --seq-len 512
 
 One full train step = forward, loss, backward, clip, AdamW(0.9, 0.95). Both models start from the same random
-weights and get the same optimiser (sft.make_optimizer, or fused AdamW for both with --fused-adamw). Steps
+weights and get the same optimiser (train.make_optimizer, or fused AdamW for both with --fused-adamw). Steps
 alternate between the variants so that load from other processes hits all alike; each speed-up is the median of
 the per-round time ratios. Our variants:
   full    the LM head and CE over every position, exactly the work transformers does (apples to apples);
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from runtime import run_cli  # noqa: E402
-from sft import answer_logits, make_optimizer  # noqa: E402
+from train import answer_logits, make_optimizer  # noqa: E402
 
 SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152,
                     norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
@@ -144,7 +144,7 @@ def main():
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast, both models)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
     p.add_argument("--fused-adamw", action="store_true",
-                   help="fused AdamW for both models instead of sft.make_optimizer (which fuses on CUDA only)")
+                   help="fused AdamW for both models instead of train.make_optimizer (which fuses on CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile each of our decoder layers")
     add_threads_arg(p)
     a = p.parse_args()
@@ -157,7 +157,7 @@ def main():
     B, T = a.batch_size, a.seq_len
     head = {"hf": B * T, "full": B * T, "answer": B * a.answer_tokens}
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B}x{T}, "
-          f"{args.n_layers} layers, optimiser {'fused AdamW' if a.fused_adamw else 'sft.make_optimizer'}"
+          f"{args.n_layers} layers, optimiser {'fused AdamW' if a.fused_adamw else 'train.make_optimizer'}"
           f"{', our layers compiled' if a.compile else ''}")
     print("other processes share this machine: variants alternate step by step, medians are compared")
     for precision in a.precision.split(","):

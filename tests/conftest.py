@@ -60,19 +60,19 @@ TEACHER_STEPS = (2, 4, 6)
 
 def make_teacher_runs(root, tokenizer_dir):
     """A tiny teacher run with three checkpoints (best = 4, final = 6), a student SFT run, a base student."""
+    import checkpoints
     import data
-    import sft
     from model import load_model
 
     tok = data.load_tokenizer(tokenizer_dir)
     for k, step in enumerate(TEACHER_STEPS):
         model = load_model(make_tiny_model(root / f"t{k}", tokenizer_dir, dim=32, seed=10 + k))
-        sft.save_checkpoint(root / "teacher", step, model, tok, {"step": step, "val_loss": [3.0, 2.0, 2.5][k]})
-    sft.write_checkpoint_index(root / "teacher", final=TEACHER_STEPS[-1])
+        checkpoints.save_checkpoint(root / "teacher", step, model, tok, {"step": step, "val_loss": [3.0, 2.0, 2.5][k]})
+    checkpoints.write_checkpoint_index(root / "teacher", final=TEACHER_STEPS[-1])
     init = make_tiny_model(root / "init", tokenizer_dir, n_layers=1, dim=16, seed=1)
-    sft.save_checkpoint(root / "student", 3, load_model(make_tiny_model(root / "s", tokenizer_dir, n_layers=1,
+    checkpoints.save_checkpoint(root / "student", 3, load_model(make_tiny_model(root / "s", tokenizer_dir, n_layers=1,
                                                                         dim=16, seed=2)), tok, {"step": 3})
-    sft.write_checkpoint_index(root / "student", final=3)
+    checkpoints.write_checkpoint_index(root / "student", final=3)
     return root, init
 
 

@@ -15,8 +15,10 @@ from test_model import BASE, CONFIGS, hf_model
 import data
 import distill
 import runtime
-import sft
-from model import generate, load_model
+import train
+from generate import generate
+from model import load_model
+from teachers import ModelTeacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -87,14 +89,14 @@ def test_sft_step_on_cuda_equals_the_cpu_step(models):
     student, _ = models
     micro = [data.collate(b, 0) for b in (items(4, 0), items(3, 1))]
     cpu, gpu = copy.deepcopy(student), copy.deepcopy(student).to(CUDA)
-    loss_c, norm_c, n_c = sft.train_step(cpu, micro, CPU, "fp32")
-    loss_g, norm_g, n_g = sft.train_step(gpu, micro, CUDA, "fp32")
+    loss_c, norm_c, n_c = train.train_step(cpu, micro, CPU, "fp32")
+    loss_g, norm_g, n_g = train.train_step(gpu, micro, CUDA, "fp32")
     assert n_c == n_g and loss_g == pytest.approx(loss_c, rel=1e-5) and norm_g == pytest.approx(norm_c, rel=1e-4)
     gc, gg = grads(cpu), grads(gpu)
     for name in gc:
         assert rel_err(gg[name], gc[name]) < 1e-4, name
     bf16 = copy.deepcopy(student).to(CUDA)  # the GPU preset's dtype: the same loss to bf16's 8 mantissa bits
-    loss_b, _, _ = sft.train_step(bf16, micro, CUDA, "bf16")
+    loss_b, _, _ = train.train_step(bf16, micro, CUDA, "bf16")
     assert loss_b == pytest.approx(loss_c, rel=2e-2)
 
 
@@ -107,8 +109,9 @@ def test_distill_step_on_cuda_equals_the_cpu_step(models, aw):
     args = SimpleNamespace(aw=aw, alpha=0.5, beta=0.5, lam=0.1, dtype="fp32", loss="fkl", temperature=1.0)
     cpu = copy.deepcopy(student)
     gpu = copy.deepcopy(student).to(CUDA)
-    ref = distill.distill_step(cpu, teacher, micro, lookup, args, CPU)
-    out = distill.distill_step(gpu, copy.deepcopy(teacher).to(CUDA), micro, lookup, args, CUDA)
+    ref = distill.distill_step(cpu, ModelTeacher(teacher, CPU, "fp32"), lookup, micro, args, CPU)
+    out = distill.distill_step(gpu, ModelTeacher(copy.deepcopy(teacher).to(CUDA), CUDA, "fp32"), lookup, micro, args,
+                               CUDA)
     for k in ("loss", "kd", "ce", "w", "grad_norm"):
         assert out[k] == pytest.approx(ref[k], rel=1e-4), k
     gc, gg = grads(cpu), grads(gpu)

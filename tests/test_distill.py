@@ -13,13 +13,15 @@ from conftest import ROOT, TEACHER_STEPS, make_teacher_runs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import data
 import distill
+import distill_run
 import schedule
-import sft
 import weights
 from model import load_model
 from runtime import UserError
+from teachers import ModelTeacher
 
 
 
@@ -65,7 +67,7 @@ def test_variant_runs_and_writes_the_layout(variant, runs, tmp_path):
     distill.main(argv(runs, out, *VARIANTS[variant]))
     for name in ("stage_00", "stage_01", "final"):
         assert (out / name / "model.safetensors").exists() and (out / name / "tokenizer.json").exists()
-    assert not (out / ".staging").exists() and [s for s, _ in sft.list_checkpoints(out / "resume")] == [4]
+    assert not (out / ".staging").exists() and [s for s, _ in checkpoints.list_checkpoints(out / "resume")] == [4]
     _, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     if variant == "scd_aw":
@@ -139,7 +141,8 @@ def test_aw_weights_come_from_the_teacher_logits_of_the_kd_term(runs, tokenizer_
     l_stu = torch.tensor([2.0, 9.0, 40.0])
     batch = data.collate(items, tok.pad_id)
     args = SimpleNamespace(alpha=0.5, beta=0.5, lam=0.1, loss="fkl", temperature=1.0, dtype="fp32")
-    stats = distill.distill_step(student, teacher, [batch], lambda ids: l_stu, args, torch.device("cpu"))
+    stats = distill.distill_step(student, ModelTeacher(teacher, torch.device("cpu"), "fp32"), lambda ids: l_stu,
+                                 [batch], args, torch.device("cpu"))
     l_ckpt = weights.sample_losses(teacher, items, tok.pad_id, 3, torch.device("cpu"))
     assert stats["w"] == pytest.approx(float((l_stu / (l_stu + l_ckpt)).mean()), rel=1e-5)
 
@@ -171,9 +174,9 @@ def test_resume_is_bit_identical(where, runs, straight_run, tmp_path, monkeypatc
     extra = RESUME_FLAGS
     with monkeypatch.context() as m:
         if where == "mid_stage":  # during the update of global step 4 (stage 1, its 2nd step)
-            kill_at(m, sft, "apply_update", lambda opt, lr, step, *a: step == 4)
+            kill_at(m, distill, "apply_update", lambda opt, lr, step, *a: step == 4)
         else:  # while SCD chooses the teacher of stage 1
-            kill_at(m, schedule.Scheduler, "select", lambda self, stage, *a: stage == 1)
+            kill_at(m, schedule.Scheduler, "choose", lambda self, stage, *a: stage == 1)
         with pytest.raises(RuntimeError, match="killed"):
             distill.main(argv(runs, tmp_path / "killed", *extra))
     distill.main(argv(runs, tmp_path / "killed", *extra, "--resume"))
@@ -237,7 +240,7 @@ def test_distinct_checkpoints(runs, tmp_path):
     distill.main(argv(runs, tmp_path / "c", "--schedule", "scd", "--no-aw", "--distinct", "--stages", n,
                       "--stage-steps", 1))
     chosen = [r["chosen"] for r in read_jsonl(tmp_path / "c" / "schedule.jsonl")]
-    assert sorted(chosen) == [s for s, _ in sft.list_checkpoints(teacher)]
+    assert sorted(chosen) == [s for s, _ in checkpoints.list_checkpoints(teacher)]
 
 
 @pytest.mark.parametrize("when", ["step:4", "time:1.5"])
@@ -260,7 +263,7 @@ def test_kill_9_then_resume_is_bit_identical(when, runs, straight_run, tmp_path)
             break
         time.sleep(0.02)
     proc.wait()
-    resume = ["--resume"] if sft.latest_resumable(out / "resume") else ["--overwrite"]
+    resume = ["--resume"] if checkpoints.latest_resumable(out / "resume") else ["--overwrite"]
     r = subprocess.run([*cmd, *resume], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(straight_run / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
@@ -314,7 +317,7 @@ def aw_table(path, items, tok, student_dir, **change):
     key = {**weights.table_key("ncbi_disease", 96, "fp32", "cpu", tok.files, student_dir), **change}
     losses = weights.sample_losses(load_model(student_dir), items, tok.pad_id, 4, torch.device("cpu"))
     weights.save_losses(path, [it["id"] for it in items], {weights.STUDENT: losses},
-                        {**key, "item_digests": [weights.item_digest(it) for it in items]})
+                        {**key, "item_digests": [checkpoints.item_digest(it) for it in items]})
     return key, losses
 
 
@@ -327,11 +330,11 @@ def test_aw_table_is_used_only_when_made_for_this_run(runs, tmp_path, tokenizer_
     student = root / "student" / "step_000003"
     table = tmp_path / "t.safetensors"
     key, losses = aw_table(table, items, tok, student)
-    got, why = distill.student_losses_for(items[::-1], [table], key)
+    got, why = weights.student_losses_for(items[::-1], [table], key)
     assert why == [] and torch.equal(got, losses.flip(0))  # by id, in the items' order
 
     def refused(items=items, **change):
-        got, why = distill.student_losses_for(items, [table], {**key, **change})
+        got, why = weights.student_losses_for(items, [table], {**key, **change})
         assert got is None and len(why) == 1
         return why[0]
 
@@ -346,7 +349,7 @@ def test_aw_table_is_used_only_when_made_for_this_run(runs, tmp_path, tokenizer_
     aw_table(table, items, tok, retrained)
     shutil.copy2(init / "model.safetensors", retrained / "model.safetensors")
     moved = weights.table_key("ncbi_disease", 96, "fp32", "cpu", tok.files, retrained)
-    got, why = distill.student_losses_for(items, [table], moved)
+    got, why = weights.student_losses_for(items, [table], moved)
     assert got is None and "student_sft_fingerprint" in why[0]
     aw_table(table, items, tok, student)
     # an edited example under its old id (a JSONL line keeps its file:line id), and one the table never saw
@@ -489,9 +492,9 @@ def dynamic_run(runs, module_tmp):
     seen = []
     real = distill.distill_step
 
-    def spy(student, teacher, micro, anchor, args, device):
+    def spy(student, teacher, anchor, micro, args, device):
         seen.append({i: float(v) for b in micro for i, v in zip(b["ids"], anchor(b["ids"]))})
-        return real(student, teacher, micro, anchor, args, device)
+        return real(student, teacher, anchor, micro, args, device)
 
     distill.distill_step = spy
     try:
@@ -526,9 +529,9 @@ def test_dynamic_aw_resume_is_bit_identical(where, runs, dynamic_run, tmp_path, 
     straight, _ = dynamic_run
     with monkeypatch.context() as m:
         if where == "mid_stage":
-            kill_at(m, sft, "apply_update", lambda opt, lr, step, *a: step == 4)
+            kill_at(m, distill, "apply_update", lambda opt, lr, step, *a: step == 4)
         else:
-            kill_at(m, schedule.Scheduler, "select", lambda self, stage, *a: stage == 1)
+            kill_at(m, schedule.Scheduler, "choose", lambda self, stage, *a: stage == 1)
         with pytest.raises(RuntimeError, match="killed"):
             distill.main(dynamic_argv(runs, tmp_path / "killed"))
     distill.main(dynamic_argv(runs, tmp_path / "killed", "--resume"))
@@ -561,3 +564,40 @@ def test_sides_are_logged_after_every_stage(runs, tmp_path, tokenizer_dir):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(UserError, match="example 'no-such-id' is not in this run's training examples"):
         distill.main(argv(runs, tmp_path / "x", "--schedule", "td", "--no-aw", "--sides", str(tmp_path / "bad.json")))
+
+
+def test_stage_epochs_and_the_best_stage_by_the_validation_metric(runs, tmp_path, monkeypatch):
+    """--stage-epochs E: every stage is E passes over the training examples. --val-metric: each stage's student is
+    scored on the validation split by the task metric, the best stage is kept as best/ and scored on the evaluation
+    split beside final/, and a resume at a stage boundary remembers which stage was best."""
+    real = distill_run.evaluate.evaluate
+    scores = iter([0.1, 0.3])  # the validation metric of stages 0 and 1; stage 2's comes after the resume
+
+    def fake(model, tok, task, examples, *a, **kw):
+        if "/val/" not in examples[0].id:  # the test evaluations are real
+            return real(model, tok, task, examples, *a, **kw)
+        return {"main": next(scores)}, []
+
+    a = argv(runs, tmp_path / "run", "--schedule", "td", "--no-aw", "--val-metric", "--stage-epochs", "1.5",
+             "--stages", "3", "--eval-split", "test", "--max-new-tokens", "4", "--eval-max-new-tokens", "4")
+    i = a.index("--stage-steps")
+    del a[i:i + 2]
+    monkeypatch.setattr(distill_run.evaluate, "evaluate", fake)
+    with monkeypatch.context() as m:
+        kill_at(m, schedule.Scheduler, "choose", lambda self, stage, *x: stage == 2)
+        with pytest.raises(RuntimeError, match="killed"):
+            distill.main(a)
+    scores = iter([0.2])
+    distill.main(a + ["--resume"])
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert max(r["step"] for r in rows) == 3 * 3  # 8 examples in batches of 4: 2 steps an epoch, 1.5 epochs a stage
+    assert [r["val_metric"] for r in rows if r.get("eval")] == [0.1, 0.3, 0.2]
+    best = load_file(tmp_path / "run" / "best" / "model.safetensors")
+    stage1 = load_file(tmp_path / "run" / "stage_01" / "model.safetensors")
+    assert all(torch.equal(best[k], stage1[k]) for k in best)
+    assert json.loads((tmp_path / "run" / "best" / "meta.json").read_text())["stage"] == 1
+    finals = {r["checkpoint"]: r for r in rows if r.get("final_eval")}
+    assert set(finals) == {"final", "best"} and all(r["n"] == 2 for r in finals.values())
+    assert (tmp_path / "run" / "best" / "eval_ncbi_disease_test.json").exists()
+    with pytest.raises(UserError, match="--stage-steps: --stage-epochs sets"):
+        distill.main(a + ["--stage-steps", "2"])

@@ -19,6 +19,7 @@ from test_distill_losses import naive  # the float64 textbook divergences
 import data
 import distill
 from model import load_model
+from teachers import ModelTeacher
 
 FACTORS = [0.25, 3.0, 0.6, 5.0]  # L_stuSFT / L_ckpt of the four samples, so w ≈ f / (1 + f): 0.2, 0.75, 0.375, 0.83
 PARAMS = ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight",
@@ -115,19 +116,39 @@ def real_step(student, teacher, micro, l_stu: dict, args, monkeypatch):
     the gradients it left (after clipping)."""
     import copy
     model = copy.deepcopy(student)
-    seen = []
-    real = distill.objective_sum
+    seen = {"kd": [], "ce": [], "rows": [], "w": []}
+    real_losses, real_hidden, real_aw = distill.token_losses, distill.answer_hidden, distill.aw_weight
 
-    def spy(kd, ce, w):  # records what the real function gets, then runs it
-        seen.append((kd.detach().double(), ce.detach().double(), w.detach().double()))
-        return real(kd, ce, w)
+    def losses_spy(*a, **k):  # records what the real functions give, and gives it on
+        kd, ce = real_losses(*a, **k)
+        seen["kd"].append(kd.detach().double())
+        seen["ce"].append(ce.detach().double())
+        return kd, ce
 
-    monkeypatch.setattr(distill, "objective_sum", spy)
+    def hidden_spy(*a):
+        h, labels, rows = real_hidden(*a)
+        seen["rows"].append(rows)
+        return h, labels, rows
+
+    def aw_spy(*a):
+        w = real_aw(*a)
+        seen["w"].append(w.detach().double())
+        return w
+
+    monkeypatch.setattr(distill, "token_losses", losses_spy)
+    monkeypatch.setattr(distill, "answer_hidden", hidden_spy)
+    monkeypatch.setattr(distill, "aw_weight", aw_spy)
     lookup = (lambda ids: torch.tensor([l_stu[i] for i in ids])) if args.aw else None
-    stats = distill.distill_step(model, teacher, micro, lookup, args, torch.device("cpu"))
-    monkeypatch.setattr(distill, "objective_sum", real)
-    kd, ce, w = (torch.cat(x) for x in zip(*seen))
-    return stats, kd, ce, w, {n: p.grad.double() for n, p in model.named_parameters()}
+    stats = distill.distill_step(model, ModelTeacher(teacher, torch.device("cpu"), args.dtype), lookup, micro, args,
+                                 torch.device("cpu"))
+    monkeypatch.setattr(distill, "token_losses", real_losses)
+    monkeypatch.setattr(distill, "answer_hidden", real_hidden)
+    monkeypatch.setattr(distill, "aw_weight", real_aw)
+    per_sample = seen["w"] if args.aw else [torch.full((int(r.max()) + 1,), args.alpha, dtype=torch.float64)
+                                             for r in seen["rows"]]
+    w = torch.cat([ws[r] for ws, r in zip(per_sample, seen["rows"])])
+    return stats, torch.cat(seen["kd"]), torch.cat(seen["ce"]), w, {n: p.grad.double()
+                                                                     for n, p in model.named_parameters()}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

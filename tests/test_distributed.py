@@ -15,6 +15,7 @@ from conftest import ROOT, make_teacher_runs, make_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import distill
 import sft
 import weights
@@ -77,10 +78,10 @@ def test_two_ranks_give_the_losses_and_weights_of_one_process_at_twice_the_batch
         assert x["step"] == y["step"] and x["tokens_seen"] == y["tokens_seen"]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
                                                                                                    rel=1e-4)
-    assert sft.read_checkpoint_index(one)["steps"] == sft.read_checkpoint_index(two)["steps"] == [3, 6, 9, 12]
+    assert checkpoints.read_checkpoint_index(one)["steps"] == checkpoints.read_checkpoint_index(two)["steps"] == [3, 6, 9, 12]
     for step in (6, 12):
-        assert_same_weights(one / sft.checkpoint_name(step) / "model.safetensors",
-                            two / sft.checkpoint_name(step) / "model.safetensors")
+        assert_same_weights(one / checkpoints.checkpoint_name(step) / "model.safetensors",
+                            two / checkpoints.checkpoint_name(step) / "model.safetensors")
     config = json.loads((two / "config.json").read_text())
     assert config["world"] == 2 and config["batch_size"] == 2
     # the resume state of a 2-rank run is sharded by rank, and only the newest checkpoint keeps one
@@ -96,13 +97,13 @@ def test_kill_9_of_two_ranks_resumes_to_the_weights_of_the_straight_run(sft_runs
     proc = torchrun("sft.py", *args, wait=False)
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < 300:
-        if sft.latest_resumable(out) is not None:
+        if checkpoints.latest_resumable(out) is not None:
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    step, _ = sft.latest_resumable(out)
+    step, _ = checkpoints.latest_resumable(out)
     assert step < 12 and not (out / "step_000012").exists()
     torchrun("sft.py", *args, "--resume")
     assert_same_weights(straight / "step_000012" / "model.safetensors", out / "step_000012" / "model.safetensors",
@@ -190,7 +191,7 @@ def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teach
     proc = torchrun("distill.py", *flags, wait=False)
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < 300:
-        if sft.latest_resumable(out / "resume") is not None:
+        if checkpoints.latest_resumable(out / "resume") is not None:
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import experiment
+import report
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the plots are optional; CI has none
 
@@ -18,7 +19,7 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
     experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir)])
     root = tmp_path / "ncbi_disease_quick"
     res = json.loads((root / "results.json").read_text())
-    variants = experiment.DEFAULT_VARIANTS
+    variants = report.DEFAULT_VARIANTS
     rows = ["teacher_base", "teacher", "student_base", "student_sft", *variants]
     assert set(res["main"]) == set(rows)
     for key in rows:  # one real score per row (one seed), a fraction
@@ -34,7 +35,17 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
                     "python experiment.py --quick"]:
         assert section in md
     for v in variants:
-        assert f"| {experiment.VARIANTS[v][0]} |" in md
+        assert f"| {report.VARIANTS[v][0]} |" in md
+    # by default a generated answer ends before the first line it repeats, in the test evaluations and distill.py's:
+    # each says how many it stopped, and the report has that score alone (--decode strict: test_stale_settings...)
+    assert res["decode"] == "stopped" and "there is no strict score" in md
+    assert "| model | entity F1, stopped | per seed | answers stopped, mean (per seed) |" in md
+    assert "entity F1, strict" not in md and "### entity F1, stopped answers" in md
+    for key, path in (("teacher", root / "evals" / "teacher.json"),
+                      ("td", root / "td_s0" / "final" / "eval_ncbi_disease_test.json")):
+        scored = json.loads(path.read_text())
+        assert res["main"][key] == [scored["main"]] and res["n_stopped"][key] == [scored["stopped"]], key
+    assert json.loads((root / "td_s0" / "config.json").read_text())["stop_repeats"] is True
     # each variant's distillation left its schedule and its final model, and no resume state or stage export
     for v in variants:
         assert (root / f"{v}_s0" / "final" / "model.safetensors").exists()
@@ -62,7 +73,7 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
     assert (root / "scd_aw_from_sft_s0" / "stage_00" / "model.safetensors").exists()  # kept when asked
     assert not (root / "scd_aw_from_sft_s0" / "resume").exists()
     init = json.loads((root / "scd_aw_from_sft_s0" / "config.json").read_text())["init"]
-    assert init == str(experiment.weights.student_sft_checkpoint(root / "student_s0"))
+    assert init == str(experiment.checkpoints.final_checkpoint(root / "student_s0"))
     assert json.loads((root / "scd_aw_s0" / "config.json").read_text())["init"].endswith("student")
     after = json.loads((root / "timings.json").read_text())
     # the from-SFT start's grid is one rate (the quick preset's 1e-3): used as given, so no search run was added
@@ -133,7 +144,7 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
         for side in ("sfs", "tfs"):
             assert all((r[f"{side}_loss"] is None) == (not split[f"{side}_ids"]) for r in evals)
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
-        assert f"| {experiment.VARIANTS[v][0]} | " + " | ".join(
+        assert f"| {report.VARIANTS[v][0]} | " + " | ".join(
             f"{fmt(r['sfs_loss'])} / {fmt(r['tfs_loss'])}" if None not in (r["sfs_loss"], r["tfs_loss"]) else "-"
             for r in evals) + " |" in md
     config = json.loads((root / "scd_aw_dynamic_s0" / "config.json").read_text())
@@ -187,13 +198,35 @@ def test_example_counts_give_the_metrics_f1():
     import data
     golds = [[["fever", "Disease"]], [["flu", "Disease"], ["flu", "Disease"]], [], [["cancer", "Disease"]]]
     preds = [[["fever", "Disease"]], [["flu", "Disease"]], [["cold", "Disease"]], []]
-    counts = experiment.example_counts(ner_rows(golds, preds))
+    counts = report.example_counts(ner_rows(golds, preds))
     # by hand: tp 1+1+0+0 = 2, predicted 1+1+1+0 = 3, gold 1+2+0+1 = 4 -> P 2/3, R 1/2, F1 4/7
     assert counts.sum(0).tolist() == [2, 3, 4]
-    assert float(experiment.f1_of_sums(counts.sum(0))) == pytest.approx(4 / 7)
-    assert float(experiment.f1_of_sums(counts.sum(0))) == pytest.approx(data.entity_scores(golds, preds)["main"])
+    assert float(report.f1_of_sums(counts.sum(0))) == pytest.approx(4 / 7)
+    assert float(report.f1_of_sums(counts.sum(0))) == pytest.approx(data.entity_scores(golds, preds)["main"])
     labels = [{"id": "a", "gold": "yes", "pred": "yes"}, {"id": "b", "gold": "no", "pred": "yes"}]
-    assert float(experiment.f1_of_sums(experiment.example_counts(labels).sum(0))) == 0.5  # accuracy
+    assert float(report.f1_of_sums(report.example_counts(labels).sum(0))) == 0.5  # accuracy
+
+
+@pytest.mark.parametrize("task,text", [
+    ("ncbi_disease", "flu\nfever\nflu\nfever\nflu"), ("ncbi_disease", "flu\n\n  flu  \ncold"),
+    ("ncbi_disease", "None\nNone\nNone"), ("ncbi_disease", "None"), ("ncbi_disease", "flu\nNone\nNone"),
+    ("ncbi_disease", "breast  cancer\nbreast cancer"), ("ncbi_disease", "flu\nfever"), ("ncbi_disease", ""),
+    ("bc5cdr", "aspirin (Chemical)\nfever (Disease)\naspirin (Chemical)"),
+    ("bc5cdr", "aspirin (Chemical)\naspirin (Disease)\naspirin  (Chemical)"),
+    ("bc5cdr", "None\nNone"), ("bc5cdr", "None (Disease)\nNone (Disease)"), ("bc5cdr", "aspirin\naspirin\nx"),
+    ("bc5cdr", "None")])
+def test_cut_rows_is_cut_repeats_on_parsed_answers(task, text):
+    """An answer cut before its first repeated (mention, type), as report.cut_rows reads the parsed rows, is the
+    answer cut before its first repeated line, parsed: what evaluate.py --stop-repeats scores."""
+    import data
+    gold = [["flu", "Disease"]]
+    row = {"id": "a", "gold": gold, "pred": data.parse_answer(task, text)}
+    want = data.parse_answer(task, data.cut_repeats(text))
+    assert report.cut_rows([row], task) == [{"id": "a", "gold": gold, "pred": want}]
+    stored = json.loads(json.dumps(row))  # as predictions/*.jsonl hold it: lists, not tuples
+    assert [list(map(tuple, r["pred"])) for r in report.cut_rows([stored], task)] == [want]
+    label = {"id": "a", "gold": "yes", "pred": "yes"}
+    assert report.cut_rows([label], "pubmedqa") == [label]
 
 
 def test_answer_diagnostics_split_repeats_from_the_rest():
@@ -202,7 +235,7 @@ def test_answer_diagnostics_split_repeats_from_the_rest():
     preds = [[["flu", "Disease"]] * 3,  # the gold has flu twice: 2 tp, 1 fp; read as a set: 1 tp
              [["fever", "Disease"], ["cold", "Disease"], ["cold", "Disease"], ["cold", "Disease"]],  # 1 tp, 3 fp
              [["cold", "Disease"]], []]
-    d = experiment.answer_diagnostics(ner_rows(golds, preds))
+    d = report.answer_diagnostics(ner_rows(golds, preds))
     want = data.entity_scores(golds, preds)  # the metric itself, counting every repeat
     assert (d["precision"], d["recall"], d["n_pred"], d["n_gold"]) == pytest.approx(
         (want["precision"], want["recall"], want["n_pred"], want["n_gold"]))
@@ -210,7 +243,7 @@ def test_answer_diagnostics_split_repeats_from_the_rest():
     once = [list(dict.fromkeys(map(tuple, p))) for p in preds]  # by hand: flu / fever, cold / cold / -
     assert d["f1_without_repeats"] == pytest.approx(data.entity_scores(golds, once)["main"])
     assert d["f1_without_repeats"] == pytest.approx(2 * (2 / 4) * (2 / 4) / (2 / 4 + 2 / 4))  # tp 2 of 4 and 4
-    assert experiment.answer_diagnostics([{"id": "a", "gold": "yes", "pred": "no"}]) is None
+    assert report.answer_diagnostics([{"id": "a", "gold": "yes", "pred": "no"}]) is None
 
 
 def test_compare_pairs_every_variant_with_its_references(tmp_path):
@@ -230,7 +263,8 @@ def test_compare_pairs_every_variant_with_its_references(tmp_path):
         path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         eval_files[key] = [path]
     variants = ["td", "scd_aw", "td_from_sft", "scd_aw_from_sft", "scd_aw_forward", "scd_aw_spread_from_sft"]
-    intervals, diagnostics = experiment.compare(tmp_path, "ncbi_disease", "entities", [0], eval_files, variants)
+    out = report.compare(tmp_path, "ncbi_disease", "entities", [0], eval_files, variants)
+    intervals, diagnostics = out["intervals"], out["diagnostics"]
     paper = {"student_sft - td", "scd_aw - td", "td_from_sft - td", "scd_aw_from_sft - td", "td - student_sft",
              "scd_aw - student_sft", "td_from_sft - student_sft", "scd_aw_from_sft - student_sft",
              "scd_aw_from_sft - td_from_sft"}
@@ -246,6 +280,10 @@ def test_compare_pairs_every_variant_with_its_references(tmp_path):
     assert intervals["scd_aw_spread_from_sft - scd_aw_from_sft"]["diff"] == pytest.approx(0.0)  # same answers
     assert diagnostics["scd_aw_from_sft"][0]["repeated"] == 1
     assert diagnostics["scd_aw_from_sft"][0]["f1_without_repeats"] == pytest.approx(1.0)
+    # stopped, its repeated flu is cut: the same answers as td_from_sft's, one answer stopped, on every comparison
+    assert out["main_stopped"]["scd_aw_from_sft"] == [pytest.approx(1.0)] and out["n_stopped"]["scd_aw_from_sft"] == [1]
+    assert out["intervals_stopped"]["scd_aw_from_sft - td_from_sft"]["diff"] == pytest.approx(0.0)
+    assert set(out["intervals_stopped"]) == set(intervals) and out["n_stopped"]["td"] == [0]
     assert {p.name for p in (tmp_path / "predictions").iterdir()} == {f"{k}_s0.jsonl" for k in answers}
 
 
@@ -263,15 +301,15 @@ def test_report_states_both_intervals_over_two_seeds(tmp_path):
     for (key, seed), texts in answers.items():
         path = tmp_path / "evals" / f"{key}_s{seed}.json"
         path.parent.mkdir(exist_ok=True)
+        path.write_text("{}")
         rows = [{"id": str(i), "prediction": t, "gold": g} for i, (t, g) in enumerate(zip(texts * 5, golds))]
         path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         eval_files[key].append(path)
     results = {"main": {"td": [0.5, 0.8], "scd_aw": [1.0, 0.5], "student_sft": [0.5, 0.5]}, "n_test": 20}
-    results["intervals"], results["diagnostics"] = experiment.compare(tmp_path, "ncbi_disease", "entities", [0, 1],
-                                                                      eval_files, ["td", "scd_aw"])
+    results.update(report.compare(tmp_path, "ncbi_disease", "entities", [0, 1], eval_files, ["td", "scd_aw"]))
     args = argparse.Namespace(task="ncbi_disease", data=None, preset="cpu", device="cpu", variants=["td", "scd_aw"],
                               kind="entities")
-    experiment.write_report(tmp_path, args, [0, 1], results, {}, {}, None, "no plot", "python experiment.py")
+    report.write_report(tmp_path, args, [0, 1], results, {}, {}, None, "no plot", "python experiment.py")
     b = results["intervals"]["scd_aw - td"]
     # by hand, per block of 3 gold mentions, no false positives: seed 0 scd_aw finds 3 (F1 1) and td 1 (P 1, R 1/3:
     # F1 0.5); seed 1 scd_aw finds 1 (0.5) and td 2 (0.8): +0.5 and -0.3, mean +0.1, sd 0.5657, sd/√2 0.4
@@ -290,11 +328,11 @@ def test_paired_bootstrap():
     golds = [[["m", "Disease"]] for _ in range(n)]
     good = [g if rng.random() < 0.8 else [] for g in golds]  # recall 0.8
     bad = [g if rng.random() < 0.4 else [] for g in golds]  # recall 0.4
-    a, b = experiment.example_counts(ner_rows(golds, good)), experiment.example_counts(ner_rows(golds, bad))
-    same = experiment.paired_bootstrap([a], [a], n_resamples=200)
+    a, b = report.example_counts(ner_rows(golds, good)), report.example_counts(ner_rows(golds, bad))
+    same = report.paired_bootstrap([a], [a], n_resamples=200)
     assert same["diff"] == same["lo"] == same["hi"] == 0.0  # paired: a model against itself never differs
-    r = experiment.paired_bootstrap([a, b], [b, b], n_resamples=500)
-    f1 = lambda c: float(experiment.f1_of_sums(c.sum(0)))  # noqa: E731
+    r = report.paired_bootstrap([a, b], [b, b], n_resamples=500)
+    f1 = lambda c: float(report.f1_of_sums(c.sum(0)))  # noqa: E731
     assert r["per_seed"][0]["diff"] == pytest.approx(f1(a) - f1(b)) and r["per_seed"][1]["diff"] == 0.0
     assert r["per_seed"][0]["lo"] > 0.1  # a 0.2+ F1 gap on 300 examples is far outside the noise
     assert r["diff"] == pytest.approx((f1(a) - f1(b)) / 2) and r["lo"] < r["diff"] < r["hi"]
@@ -306,7 +344,7 @@ def test_paired_bootstrap():
     # the interval shrinks with more examples: the same rates on 4x the data give a narrower one
     wide = r["per_seed"][0]["hi"] - r["per_seed"][0]["lo"]
     a4, b4 = np.concatenate([a] * 4), np.concatenate([b] * 4)
-    narrow = experiment.paired_bootstrap([a4], [b4], n_resamples=500)["per_seed"][0]
+    narrow = report.paired_bootstrap([a4], [b4], n_resamples=500)["per_seed"][0]
     assert narrow["hi"] - narrow["lo"] < 0.7 * wide
 
 
@@ -314,11 +352,11 @@ def test_t_quantile_matches_the_published_table():
     # Student's t table (e.g. NIST/SEMATECH e-Handbook, 1.3.6.7.2): upper 2.5 % and 5 % critical values
     for p, df, want in [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 10, 2.228),
                         (0.975, 30, 2.042), (0.95, 5, 2.015), (0.95, 2, 2.920)]:
-        assert experiment.t_quantile(p, df) == pytest.approx(want, abs=1e-3), (p, df)
+        assert report.t_quantile(p, df) == pytest.approx(want, abs=1e-3), (p, df)
 
 
 def test_verdict_needs_both_intervals():
-    v = experiment.verdict
+    v = report.verdict
     assert v({"lo": 0.01, "hi": 0.05}) == "yes, better"  # one seed: the test-sentence interval alone
     assert v({"lo": -0.05, "hi": -0.01}) == "yes, worse" and v({"lo": -0.01, "hi": 0.02}) == "no"
     assert v({"lo": 0.01, "hi": 0.05, "seeds": {"lo": 0.002, "hi": 0.06}}) == "yes, better"
@@ -393,13 +431,41 @@ def test_quick_experiment_on_jsonl(name, kind, tmp_path, models_dir):
 def test_stale_settings_and_unhealed_student_are_refused(tmp_path, models_dir, tokenizer_dir):
     from conftest import make_tiny_model
     from runtime import UserError
-    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td"])
-    before = (tmp_path / "ncbi_disease_quick" / "timings.json").read_text()
+    import data
+    quick = ["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td"]
+    experiment.main([*quick, "--decode", "strict"])
+    root = tmp_path / "ncbi_disease_quick"
+    before = (root / "timings.json").read_text()
+    # decoded to the token cap, the report gives both scores: strict, and stopped as evaluate.py's text rule reads
+    # the same answers, each with its comparisons
+    res, md = json.loads((root / "results.json").read_text()), (root / "results.md").read_text()
+    assert res["decode"] == "strict" and "| model | entity F1, strict | per seed | entity F1, stopped |" in md
+    assert "### entity F1, strict answers" in md and "### entity F1, stopped answers" in md
+    assert set(res["intervals_stopped"]) == set(res["intervals"]) == {"student_sft - td", "td - student_sft"}
+    path = root / "td_s0" / "final" / "eval_ncbi_disease_test.json"
+    texts = [json.loads(s)["prediction"] for s in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    examples = data.load_examples("ncbi_disease", "test", limit=len(texts))
+    assert "stopped" not in json.loads(path.read_text()) and res["n_stopped"]["td"] == [
+        sum(data.cut_repeats(t) != t for t in texts)]
+    assert res["main_stopped"]["td"] == [pytest.approx(data.score(
+        "ncbi_disease", examples, [data.cut_repeats(t) for t in texts])["main"], abs=1e-12)]
     # another lr grid would silently reuse the variants trained at the old one: refused by name, nothing run
     with pytest.raises(UserError, match="lr_grid"):
-        experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td",
-                         "--lr-grid", "1e-2"])
-    assert (tmp_path / "ncbi_disease_quick" / "timings.json").read_text() == before
+        experiment.main([*quick, "--decode", "strict", "--lr-grid", "1e-2"])
+    assert (root / "timings.json").read_text() == before
+    # a root from before --decode (none in its experiment.json) decoded strictly: the default refuses it by name,
+    # --decode strict reuses it as it is
+    settings = json.loads((root / "experiment.json").read_text())
+    del settings["decode"]
+    (root / "experiment.json").write_text(json.dumps(settings))
+    with pytest.raises(UserError, match="decode='strict' but this invocation has decode='stopped'"):
+        experiment.main(quick)
+    experiment.main([*quick, "--decode", "strict"])
+    assert (root / "timings.json").read_text() == before
+    assert json.loads((root / "experiment.json").read_text())["decode"] == "strict"
+    with pytest.raises(UserError, match="--decode stopped: pubmedqa's answers are options scored"):
+        experiment.main(["--quick", "--task", "pubmedqa", "--decode", "stopped", "--out", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
     # a student that heal.py did not make is not used as "the healed student" without --no-heal
     models = tmp_path / "models"
     for name in ("teacher", "student"):

@@ -170,18 +170,18 @@ def test_heal_run_learns_exports_and_resumes_exactly(tmp_path, tokenizer_dir, mo
     assert json.loads((tmp_path / "run" / "config.json").read_text())["prune"] == "angular"
 
     # a run that crashes after its first checkpoint resumes to the same weights
-    real_update = heal.sft.apply_update
+    real_update = heal.apply_update
 
     def crash_at_step_6(optimizer, lr, step, loss, grad_norm):
         if step == 5:
             raise RuntimeError("killed")
         real_update(optimizer, lr, step, loss, grad_norm)
 
-    monkeypatch.setattr(heal.sft, "apply_update", crash_at_step_6)
+    monkeypatch.setattr(heal, "apply_update", crash_at_step_6)
     with pytest.raises(RuntimeError, match="killed"):
         run_heal(tmp_path, teacher_dir, tmp_path / "cut", tmp_path / "student2")
     assert not (tmp_path / "student2").exists()
-    monkeypatch.setattr(heal.sft, "apply_update", real_update)
+    monkeypatch.setattr(heal, "apply_update", real_update)
     run_heal(tmp_path, teacher_dir, tmp_path / "cut", tmp_path / "student2", "--resume")
     a, b = load_model(tmp_path / "student").state_dict(), load_model(tmp_path / "student2").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import ModelArgs, generate, load_model, save_model
+from model import ModelArgs, load_model, save_model
 from runtime import UserError
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -172,109 +172,6 @@ def _saved(tmp_path, **overrides):
     return tmp_path / "src"
 
 
-def greedy_without_cache(model, prompt, n, eos):
-    eos = {eos} if isinstance(eos, int) else eos
-    ids = list(prompt)
-    for _ in range(n):
-        with torch.no_grad():
-            t = int(model(torch.tensor([ids]))[0, -1].argmax())
-        if t in eos:
-            break
-        ids.append(t)
-    return ids[len(prompt):]
-
-
-def test_kv_cache_generation_equals_full_forward(tmp_path):
-    # weights ~ N(0, 0.3): peaked, position-sensitive outputs (at 0.02 a position off by one still passes)
-    model = load_model(_saved(tmp_path, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.3)).eval()
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 4, 15)]
-    eos = 5
-    got = generate(model, prompts, max_new_tokens=12, eos_id=eos, pad_id=0)
-    for p, out in zip(prompts, got):
-        assert out == greedy_without_cache(model, p, 12, eos)
-    # one stopped early on eos in at least one case would be nice, but not guaranteed: check the stop rule directly.
-    # Row 0 stops at once and leaves the batch; the others must go on as before.
-    stops = generate(model, prompts, max_new_tokens=12, eos_id={eos, got[0][0]}, pad_id=0)
-    assert stops[0] == []
-    for p, out in zip(prompts[1:], stops[1:]):
-        assert out == greedy_without_cache(model, p, 12, {eos, got[0][0]})
-
-
-def count_passes(model):
-    calls = []
-    forward = model.hidden
-    model.hidden = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
-    return calls
-
-
-@pytest.mark.parametrize("init", [0.02, 0.3])
-def test_lookahead_generation_equals_one_token_at_a_time(tmp_path, init):
-    """Prompt lookup keeps only guesses equal to the greedy choice: the same tokens, in fewer forward passes where
-    the output repeats itself or the prompt (the N(0, 0.02) model falls into loops; N(0, 0.3) is position-sensitive)."""
-    model = load_model(_saved(tmp_path, num_key_value_heads=2, initializer_range=init)).eval()
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 4, 15, 6)]
-    prompts[1] = prompts[1] * 4  # a repetitive prompt: guesses from the prompt itself
-    plain = generate(model, prompts, max_new_tokens=20, eos_id=5, pad_id=0)
-    stop = {5, plain[3][3]}  # row 3 stops early, the others run on (rows leave the batch unevenly)
-    for eos in (5, stop):
-        want = [greedy_without_cache(model, p, 20, eos) for p in prompts]
-        calls = count_passes(model)
-        got = generate(model, prompts, max_new_tokens=20, eos_id=eos, pad_id=0, lookahead=4)
-        del model.hidden
-        assert got == want
-        if init == 0.02:  # one token at a time takes a pass per token: prefill, then one after each but the last
-            assert len(calls) < max(map(len, want))
-    assert len(want[3]) < 4 and max(map(len, want)) == 20  # with `stop`, rows left the batch at different steps
-
-
-def test_lookup_guesses():
-    from model import lookup_guesses
-    seq = torch.tensor([[1, 2, 3, 4, 1, 2],  # last 2-gram (1, 2) first at column 0: guess what followed
-                        [0, 7, 8, 9, 7, 8],  # left-padded; (7, 8) recurs
-                        [0, 5, 6, 7, 8, 5],  # only a single token recurs: too weak a cue, no guess
-                        [1, 2, 1, 2, 9, 9]])  # real length 4: guesses stop at the row's end
-    length, first = torch.tensor([6, 6, 6, 4]), torch.tensor([0, 1, 1, 0])
-    guesses, width = lookup_guesses(seq, length, first, k=3, ngram=3, fill=-1)
-    assert width == 3
-    assert guesses.tolist() == [[3, 4, 1], [9, 7, 8], [-1, -1, -1], [1, 2, -1]]
-    # the longest n-gram wins: (3, 1, 2) occurs only at column 2, where 5 follows; (1, 2) alone would point at 7
-    guesses, width = lookup_guesses(torch.tensor([[1, 2, 7, 3, 1, 2, 5, 3, 1, 2]]), torch.tensor([10]),
-                                    torch.tensor([0]), 2, 3, -1)
-    assert guesses.tolist() == [[5, 3]]
-    # padding before `first` never matches, even when it equals the row's last tokens
-    guesses, width = lookup_guesses(torch.tensor([[0, 0, 5, 0, 0]]), torch.tensor([5]), torch.tensor([2]), 3, 2, -1)
-    assert width == 0 and guesses.shape == (1, 0)
-
-
-@pytest.mark.parametrize("n_kv_heads", [6, 2, 1])
-def test_decode_attention_equals_sdpa(n_kv_heads):
-    from model import decode_attention
-    g = torch.Generator().manual_seed(n_kv_heads)
-    B, H, S, hd = 3, 6, 40, 16
-    q = torch.randn(B, H, 1, hd, generator=g)
-    k, v = torch.randn(2, B, n_kv_heads, S, hd, generator=g)
-    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
-    mask[..., -1] = True  # a query always sees itself
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert (decode_attention(q, k, v, mask) - ref).abs().max() < 1e-5
-    # bf16 inputs: within the rounding of the bf16 inputs themselves (SDPA in bf16 is off from fp32 by as much)
-    got = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
-    assert got.dtype == torch.bfloat16
-    assert (got.float() - ref).abs().max() < 0.03
-
-
-def test_sampling_respects_top_p(tmp_path):
-    from model import sample_next
-    logits = torch.tensor([[5.0, 4.0, -10.0, -10.0]])
-    g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, 1.0, 0.5, g)) for _ in range(50)}
-    assert draws == {0}  # token 0 alone holds > 0.5 of the mass
-    draws = {int(sample_next(logits, 1.0, 0.99, g)) for _ in range(200)}
-    assert draws == {0, 1}
-
-
 def test_bf16_forward_close_to_fp32(tmp_path):
     path = _saved(tmp_path, num_key_value_heads=2)
     fp32 = load_model(path).eval()
@@ -388,24 +285,24 @@ def test_content_fingerprints(tmp_path, tiny_model_dir, monkeypatch):
     import hashlib
     import shutil
 
-    import model as model_py
+    import checkpoints
 
-    monkeypatch.setattr(model_py, "SHA256_CACHE", tmp_path / "sha256")
+    monkeypatch.setattr(checkpoints, "SHA256_CACHE", tmp_path / "sha256")
     weights_file = tiny_model_dir / "model.safetensors"
-    assert model_py.file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert checkpoints.file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest()
     assert not (tmp_path / "sha256").exists()  # small: nothing remembered
-    monkeypatch.setattr(model_py, "SHA256_RECORD_BYTES", 1024)
-    first = model_py.file_sha256(weights_file)
+    monkeypatch.setattr(checkpoints, "SHA256_RECORD_BYTES", 1024)
+    first = checkpoints.file_sha256(weights_file)
     [record] = list((tmp_path / "sha256").iterdir())
     assert json.loads(record.read_text())["sha256"] == first
     record.write_text(record.read_text().replace(first, "0" * 64))  # a planted record is what is read back...
-    assert model_py.file_sha256(weights_file) == "0" * 64
+    assert checkpoints.file_sha256(weights_file) == "0" * 64
     weights_file.write_bytes(weights_file.read_bytes()[:-4] + b"\0\0\0\1")  # ...until the file changes
-    assert model_py.file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest() != first
+    assert checkpoints.file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest() != first
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
-    assert model_py.model_fingerprint(copy) == model_py.model_fingerprint(tiny_model_dir)
+    assert checkpoints.model_fingerprint(copy) == checkpoints.model_fingerprint(tiny_model_dir)
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5000.0}))
-    assert model_py.model_fingerprint(copy) != model_py.model_fingerprint(tiny_model_dir)
+    assert checkpoints.model_fingerprint(copy) != checkpoints.model_fingerprint(tiny_model_dir)

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import prepare
-from model import generate, load_model
+from generate import generate
+from model import load_model
 from runtime import UserError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sft
+import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--role", "teacher", "--train-size", "24", "--val-size", "4", "--batch-size", "4", "--max-len", "128",
@@ -39,7 +39,7 @@ def one_line_error(r, *needles):
 
 
 def final_weights(out):
-    steps = sft.list_checkpoints(out)
+    steps = checkpoints.list_checkpoints(out)
     return load_file(steps[-1][1] / "model.safetensors"), steps[-1][0]
 
 
@@ -87,9 +87,9 @@ def test_kill_9_then_resume_is_bit_identical(when, tiny, straight, tmp_path):
     else:  # killed while a checkpoint's temp dir exists, i.e. in the middle of writing it
         kill_when(proc, lambda: out.exists() and any(p.name.startswith(".tmp-step_") for p in out.iterdir()))
     # whatever it left, every listed checkpoint is whole and loads
-    for _, p in sft.list_checkpoints(out):
+    for _, p in checkpoints.list_checkpoints(out):
         assert (p / "model.safetensors").exists() and json.loads((p / "meta.json").read_text())["step"] > 0
-    if not sft.list_checkpoints(out):  # killed before its first checkpoint: resume has nothing; start again
+    if not checkpoints.list_checkpoints(out):  # killed before its first checkpoint: resume has nothing; start again
         r = run(sft_cmd(tiny, out, "--resume"))
         one_line_error(r, "--resume")
         r = run(sft_cmd(tiny, out, "--overwrite"))
@@ -124,7 +124,7 @@ def test_non_finite_loss_stops_without_a_checkpoint(tiny, tmp_path):
     save_model(m, bad)
     r = run(sft_cmd(bad, tmp_path / "out"))
     one_line_error(r, "step 1: non-finite loss")
-    assert not sft.list_checkpoints(tmp_path / "out")
+    assert not checkpoints.list_checkpoints(tmp_path / "out")
 
 
 def write(path: Path, content: bytes | str):
@@ -268,13 +268,15 @@ def test_generation_caps_refused_where_nothing_is_generated(tiny, tmp_path):
 
 
 def test_the_import_graph_reads_one_way():
-    """runtime at the bottom, model and data on it, evaluation and training above, the AW/SCD pieces on training,
-    distillation on top: every script imports only from the layers below its own (the loops sft <-> evaluate and
-    data -> model are gone)."""
+    """runtime and losses at the bottom, model and data on them, the machinery (decoding, checkpoints, training
+    plumbing, flags) above, evaluation and SFT above that, the AW/SCD pieces on training, distillation on top, the
+    experiment over all: every module imports only from the layers below its own."""
     import ast
 
-    layers = [{"runtime"}, {"model", "data"}, {"evaluate", "prepare"}, {"sft"}, {"weights"}, {"schedule"},
-              {"teacher_cache"}, {"distill"}, {"heal"}, {"experiment"}]
+    layers = [{"runtime", "losses"}, {"model", "data", "footsteps"}, {"generate", "checkpoints", "train", "flags"},
+              {"evaluate", "prepare"}, {"sft"}, {"weights"}, {"schedule"}, {"teacher_cache", "teachers"},
+              {"distill_run"}, {"distill"}, {"heal"}, {"report"}, {"experiment", "rescore"}]
+    assert {p.stem for p in ROOT.glob("*.py")} == set().union(*layers)  # every module has its place
     level = {m: i for i, names in enumerate(layers) for m in names}
     for module, i in level.items():
         tree = ast.parse((ROOT / f"{module}.py").read_text())

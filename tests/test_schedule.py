@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+import checkpoints
 import data
+import losses
 import schedule
-import sft
 from model import load_model
 from runtime import UserError
 from schedule import Scheduler, cd_choice, metric1, metric2, scd_choice, td_choice
@@ -31,8 +32,14 @@ def test_metrics_are_token_mean_kls():
     assert metric1(logp(a), logp(a)) == pytest.approx(0, abs=1e-6)
     assert metric1(torch.zeros(0, 11), torch.zeros(0, 11)) == 0
     # sliced over tokens: the same as one pass
-    big_a, big_b = torch.randn(schedule.PROBE_ROWS * 2 + 3, 5), torch.randn(schedule.PROBE_ROWS * 2 + 3, 5)
+    big_a, big_b = torch.randn(256 * 2 + 3, 5), torch.randn(256 * 2 + 3, 5)  # mean_kl's slices: 256 rows
     assert metric1(logp(big_a), logp(big_b)) == pytest.approx(explicit_kl(big_a, big_b), rel=1e-5)
+
+
+def select(scheduler, stage, step, student=None):
+    """scheduler.choose with `student` a function that gives its probe log-probs, and the schedule.jsonl row."""
+    scheduler.probe_logp = lambda f: f()
+    return scheduler.choose(stage, step, student), scheduler.records[-1]
 
 
 class FakeCache:
@@ -58,7 +65,7 @@ def constructed():
 
 def test_scd_picks_the_known_argmin():
     a, b, table, index = constructed()
-    chosen, record = Scheduler("scd", index, 3, FakeCache(table)).select(0, 0, lambda: logp(a))
+    chosen, record = select(Scheduler("scd", index, 3, FakeCache(table)), 0, 0, lambda: logp(a))
     assert chosen == 200
     rows = {c["ckpt"]: c for c in record["candidates"]}
     mid = (a + b) / 2
@@ -71,7 +78,7 @@ def test_scd_picks_the_known_argmin():
     assert record["stage"] == 0 and record["chosen"] == 200 and record["schedule"] == "scd"
     json.dumps(record)  # one schedule.jsonl line
     # once the student has reached the best teacher, SCD moves to it
-    assert Scheduler("scd", index, 3, FakeCache(table)).select(1, 5, lambda: logp(b))[0] == 300
+    assert select(Scheduler("scd", index, 3, FakeCache(table)), 1, 5, lambda: logp(b))[0] == 300
 
 
 def test_scd_choice_ties_go_to_the_earlier_checkpoint():
@@ -91,7 +98,7 @@ def test_metric1_is_computed_once_per_run(monkeypatch):
         return logp(a + counts["student"] * (b - a) / 4)  # the student moves between stages
 
     sched = Scheduler("scd", index, 4, FakeCache(table))
-    records = [sched.select(s, 10 * s, student)[1] for s in range(4)]
+    records = [select(sched, s, 10 * s, student)[1] for s in range(4)]
     assert counts == {"m1": 3, "m2": 12, "student": 4}  # Metric 1 once per candidate, Metric 2 per stage
     assert len({json.dumps([c["metric1"] for c in r["candidates"]]) for r in records}) == 1
     assert len({json.dumps([c["metric2"] for c in r["candidates"]]) for r in records}) == 4
@@ -105,14 +112,14 @@ def test_cd_walks_in_order_evenly():
     assert three == sorted(three) and three[-1] == 50 and len(set(three)) == 3
     assert cd_choice(steps, 0, 1) == 50
     sched = Scheduler("cd", {"steps": steps, "best": 30, "final": 50}, 5)
-    assert [sched.select(s, s, lambda: pytest.fail("CD must not run the probe"))[0] for s in range(5)] == steps
+    assert [select(sched, s, s, lambda: pytest.fail("CD must not run the probe"))[0] for s in range(5)] == steps
 
 
 def test_td_stays_put():
     index = {"steps": [10, 20, 30], "best": 20, "final": 30}
     for final, expect in ((False, 20), (True, 30)):
         sched = Scheduler("td", index, 4, final=final)
-        assert [sched.select(s, s)[0] for s in range(4)] == [expect] * 4
+        assert [select(sched, s, s)[0] for s in range(4)] == [expect] * 4
     assert td_choice({"steps": [10, 20], "best": 10, "final": None}, final=True) == 20
 
 
@@ -133,8 +140,8 @@ def tiny_teacher_run(tmp_path, tokenizer_dir):
     tok = data.load_tokenizer(tokenizer_dir)
     for k, step in enumerate((2, 4, 6)):
         model = load_model(make_tiny_model(tmp_path / f"m{k}", tokenizer_dir, seed=k))
-        sft.save_checkpoint(run, step, model, tok, {"step": step, "val_loss": 3.0 - 0.1 * k})
-    sft.write_checkpoint_index(run, final=6)
+        checkpoints.save_checkpoint(run, step, model, tok, {"step": step, "val_loss": 3.0 - 0.1 * k})
+    checkpoints.write_checkpoint_index(run, final=6)
     return run, tok
 
 
@@ -158,7 +165,7 @@ def test_probe_cache_runs_each_checkpoint_once(tiny_teacher_run, tmp_path, monke
     loads = []
     real_load = schedule.load_model
     monkeypatch.setattr(schedule, "load_model", lambda p, **kw: loads.append(p) or real_load(p, **kw))
-    ckpts = sft.list_checkpoints(run)
+    ckpts = checkpoints.list_checkpoints(run)
     cache = schedule.ProbeCache(tmp_path / "cache", probe, ckpts, "fp32", "cpu", tok.files).build(tok.pad_id, 2)
     assert len(loads) == 3 and sorted(p.name for p in cache.dir.iterdir()) == \
         ["step_000002.safetensors", "step_000004.safetensors", "step_000006.safetensors"]
@@ -174,7 +181,7 @@ def test_probe_cache_is_keyed_by_everything_its_values_depend_on(tiny_teacher_ru
     run, tok = tiny_teacher_run
     items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=6), 160)
     probe = schedule.probe_items(items, 3, seed=0)
-    ckpts = sft.list_checkpoints(run)
+    ckpts = checkpoints.list_checkpoints(run)
 
     def key_dir(probe=probe, dtype="fp32", device="cpu", files=tuple(tok.files)):
         return schedule.ProbeCache(tmp_path / "cache", probe, ckpts, dtype, device, files).dir
@@ -200,16 +207,16 @@ def test_probe_cache_is_keyed_by_everything_its_values_depend_on(tiny_teacher_ru
 
 
 def test_token_mean_kl_zero_probability_convention():
-    """p = 0 terms are 0, as in distill.kl_rows, even for a -inf logit; q = 0 under p > 0 is +inf."""
+    """p = 0 terms are 0, as in losses.kl_rows, even for a -inf logit; q = 0 under p > 0 is +inf."""
     a, b = torch.randn(4, 9), torch.randn(4, 9)
     a[:, 3] = float("-inf")  # p_3 = 0
     p, q = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
     keep = p > 0
     ref = float(torch.where(keep, p * (p.log() - q.log()), 0.0).sum(-1).mean())
-    got = schedule.token_mean_kl(logp(a), logp(b))
+    got = losses.mean_kl(logp(a), logp(b))
     assert got == pytest.approx(ref, rel=1e-5) and got == got
     b[1, 0] = float("-inf")  # q_0 = 0 on a token where p_0 > 0
-    assert schedule.token_mean_kl(logp(a), logp(b)) == float("inf")
+    assert losses.mean_kl(logp(a), logp(b)) == float("inf")
 
 
 def test_scd_never_chooses_a_non_finite_candidate():
@@ -222,7 +229,7 @@ def test_scd_never_chooses_a_non_finite_candidate():
     a, b, table, index = constructed()
     table[200] = table[200].clone()
     table[200][0, 0] = nan
-    chosen, record = Scheduler("scd", index, 3, FakeCache(table)).select(0, 0, lambda: logp(a))
+    chosen, record = select(Scheduler("scd", index, 3, FakeCache(table)), 0, 0, lambda: logp(a))
     assert chosen != 200
     rows = {c["ckpt"]: c for c in record["candidates"]}
     assert rows[200]["finite"] is False and rows[200]["sum"] is None and rows[200]["metric1"] is None
@@ -249,9 +256,9 @@ def test_scd_on_hand_built_checkpoints(tmp_path, tokenizer_dir):
         m = load_model(tmp_path / "b")
         with torch.no_grad():
             m.model.norm.weight.mul_(scale)
-        sft.save_checkpoint(run, step, m, tok, {"step": step, "val_loss": val_loss})
+        checkpoints.save_checkpoint(run, step, m, tok, {"step": step, "val_loss": val_loss})
         models[step] = m
-    index = sft.write_checkpoint_index(run, final=3)
+    index = checkpoints.write_checkpoint_index(run, final=3)
     assert index["best"] == 3
 
     def hand_logp(model):  # (N, V) float64 log-probs at every answer position, one unpadded item at a time
@@ -276,11 +283,10 @@ def test_scd_on_hand_built_checkpoints(tmp_path, tokenizer_dir):
     assert sums[2] < 0.75 * min(sums[1], sums[3])  # a clear winner, as the closed forms say
 
     probe = schedule.probe_items(items, 6, seed=0)
-    cache = schedule.ProbeCache(tmp_path / "cache", probe, sft.list_checkpoints(run), "fp32", "cpu", tok.files)
+    cache = schedule.ProbeCache(tmp_path / "cache", probe, checkpoints.list_checkpoints(run), "fp32", "cpu", tok.files)
     cache.build(tok.pad_id, 4)
     student = models[1]
-    chosen, record = Scheduler("scd", index, 1, cache).select(
-        0, 0, lambda: schedule.probe_logprobs(student, probe, tok.pad_id, 4, torch.device("cpu")))
+    chosen, record = select(Scheduler("scd", index, 1, cache), 0, 0, lambda: schedule.probe_logprobs(student, probe, tok.pad_id, 4, torch.device("cpu")))
     assert chosen == 2 == min(sums, key=sums.get)
     rows = {c["ckpt"]: c for c in record["candidates"]}
     for s in ref:
@@ -335,10 +341,10 @@ def test_balance_metrics_by_hand():
 
 def test_scheduler_records_the_balance_and_default_record_is_unchanged():
     a, b, table, index = constructed()
-    _, plain = Scheduler("scd", index, 3, FakeCache(table)).select(0, 0, lambda: logp(a))
+    _, plain = select(Scheduler("scd", index, 3, FakeCache(table)), 0, 0, lambda: logp(a))
     assert set(plain) == {"stage", "step", "schedule", "chosen", "candidates"}  # the paper's record, as before
     assert all(set(c) == {"ckpt", "metric1", "metric2", "sum"} for c in plain["candidates"])
-    chosen, rec = Scheduler("scd", index, 3, FakeCache(table), balance="spread").select(0, 0, lambda: logp(a))
+    chosen, rec = select(Scheduler("scd", index, 3, FakeCache(table), balance="spread"), 0, 0, lambda: logp(a))
     m1 = {c["ckpt"]: c["metric1"] for c in rec["candidates"]}
     m2 = {c["ckpt"]: c["metric2"] for c in rec["candidates"]}
     assert rec["metric_balance"] == "spread" and rec["forward_only"] is False
@@ -352,10 +358,8 @@ def test_scheduler_records_the_balance_and_default_record_is_unchanged():
     assert [(c["metric1"], c["metric2"]) for c in rec["candidates"]] == \
         [(c["metric1"], c["metric2"]) for c in plain["candidates"]]
     # a huge Metric 2 weight makes SCD follow the student (checkpoint 100 sits on it), a zero weight the best
-    assert Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=100.0).select(
-        0, 0, lambda: logp(a))[0] == 100
-    assert Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=0.0).select(
-        0, 0, lambda: logp(a))[0] == 300
+    assert select(Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=100.0), 0, 0, lambda: logp(a))[0] == 100
+    assert select(Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=0.0), 0, 0, lambda: logp(a))[0] == 300
 
 
 def test_forward_only_never_goes_back():
@@ -363,19 +367,21 @@ def test_forward_only_never_goes_back():
     # the student jumps to the best teacher, then back to where it started: the paper's SCD goes back to 200
     trajectory = [logp(b), logp(a)]
     paper = Scheduler("scd", index, 2, FakeCache(table))
-    assert [paper.select(s, s, lambda: trajectory[s])[0] for s in range(2)] == [300, 200]
+    assert [select(paper, s, s, lambda: trajectory[s])[0] for s in range(2)] == [300, 200]
     fwd = Scheduler("scd", index, 2, FakeCache(table), forward_only=True)
-    chosen = [fwd.select(s, s, lambda: trajectory[s]) for s in range(2)]
+    chosen = [select(fwd, s, s, lambda: trajectory[s]) for s in range(2)]
     assert [c for c, _ in chosen] == [300, 300]
     rec = chosen[1][1]
     assert rec["forward_only"] is True
     assert {c["ckpt"]: c["score_terms"] is None for c in rec["candidates"]} == {100: True, 200: True, 300: False}
     # on a resume the last choice comes back from the earlier stages' schedule.jsonl
-    resumed = Scheduler("scd", index, 2, FakeCache(table), forward_only=True, used=[100, 300])
-    assert resumed.select(1, 1, lambda: logp(a))[0] == 300
+    history = [{"stage": 0, "chosen": 100}, {"stage": 1, "chosen": 300}]
+    resumed = Scheduler("scd", index, 3, FakeCache(table), forward_only=True, history=history)
+    assert select(resumed, 1, 1, lambda: pytest.fail("a stage chosen before the resume is not chosen again"))[0] == 300
+    assert select(resumed, 2, 2, lambda: logp(a))[0] == 300
     with pytest.raises(UserError, match="no teacher checkpoint is left"):
-        Scheduler("scd", index, 2, FakeCache(table), forward_only=True, distinct=True, used=[300]).select(
-            1, 1, lambda: logp(a))
+        select(Scheduler("scd", index, 2, FakeCache(table), forward_only=True, distinct=True,
+                         history=[{"stage": 0, "chosen": 300}]), 1, 1, lambda: logp(a))
 
 
 def test_schedule_cli_metric1_only_and_balance(tiny_teacher_run, tmp_path, capsys, tokenizer_dir):
@@ -392,11 +398,11 @@ def test_schedule_cli_metric1_only_and_balance(tiny_teacher_run, tmp_path, capsy
     tok = data.load_tokenizer(tokenizer_dir)
     items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=6, seed=0), 96)
     probe = schedule.probe_items(items, 3, 0)
-    lp = {s: schedule.probe_logprobs(load_model(run / sft.checkpoint_name(s)), probe, tok.pad_id, 4,
+    lp = {s: schedule.probe_logprobs(load_model(run / checkpoints.checkpoint_name(s)), probe, tok.pad_id, 4,
                                      torch.device("cpu")) for s in rows}
     for s, r in rows.items():
         assert float(r[1]) == pytest.approx(metric1(lp[6], lp[s]), abs=1e-4)
-        assert float(r[2]) == pytest.approx(json.loads((run / sft.checkpoint_name(s) / "meta.json").read_text())
+        assert float(r[2]) == pytest.approx(json.loads((run / checkpoints.checkpoint_name(s) / "meta.json").read_text())
                                             ["val_loss"], abs=1e-4)
     assert "(best)" in " ".join(rows[6]) and "(final)" in " ".join(rows[6])
     student = make_tiny_model(tmp_path / "student", tokenizer_dir, n_layers=1, dim=16, seed=7)

@@ -11,10 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import data
 import evaluate
+import footsteps
 import runtime
 import sft
+import train
 from model import load_model, save_model
 from runtime import UserError
 
@@ -31,20 +34,23 @@ def run_sft(model_dir, out, *extra):
 def test_end_to_end_checkpoints(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     run_sft(tiny_model_dir, out, "--epochs", "4", "--save-every", "5")
-    steps = [s for s, _ in sft.list_checkpoints(out)]
+    steps = [s for s, _ in checkpoints.list_checkpoints(out)]
     assert steps == [5, 10, 15, 16]
     index = json.loads((out / "checkpoints.json").read_text())
     assert index["steps"] == steps and index["final"] == 16 and index["best"] in steps
-    metas = {s: json.loads((p / "meta.json").read_text()) for s, p in sft.list_checkpoints(out)}
+    metas = {s: json.loads((p / "meta.json").read_text()) for s, p in checkpoints.list_checkpoints(out)}
     for s, meta in metas.items():
         for key in ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "val_metric", "config"):
             assert key in meta, key
         assert meta["step"] == s and meta["config"]["lr"] == 3e-3
     assert index["best"] == min(steps, key=lambda s: metas[s]["val_loss"])
+    # the paper's pick is by the validation task metric: the highest, the earlier on a tie
+    top = max(metas[s]["val_metric"] for s in steps)
+    assert checkpoints.best_by_metric(out) == out / f"step_{min(s for s in steps if metas[s]['val_metric'] == top):06d}"
     # resume state lives in the newest checkpoint only
-    assert [s for s, p in sft.list_checkpoints(out) if (p / "trainer_state.safetensors").exists()] == [16]
+    assert [s for s, p in checkpoints.list_checkpoints(out) if (p / "trainer_state.safetensors").exists()] == [16]
     # every checkpoint loads in transformers as it is
-    for s, p in sft.list_checkpoints(out):
+    for s, p in checkpoints.list_checkpoints(out):
         hf, info = AutoModelForCausalLM.from_pretrained(p, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -76,7 +82,7 @@ def test_grad_accum_does_not_change_the_gradient(tiny_model_dir):
 
     def grads(micro):
         model.zero_grad(set_to_none=True)
-        loss, _, _ = sft.train_step(model, [data.collate(m, tok.pad_id) for m in micro], torch.device("cpu"),
+        loss, _, _ = train.train_step(model, [data.collate(m, tok.pad_id) for m in micro], torch.device("cpu"),
                                     "fp32", clip=1e9)
         return loss, [p.grad.clone() for p in model.parameters()]
 
@@ -94,7 +100,7 @@ def test_resume_ends_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
     args = ("--epochs", "2", "--save-every", "3")
     run_sft(tiny_model_dir, tmp_path / "straight", *args)
 
-    real_update = sft.apply_update
+    real_update = train.apply_update
 
     def crash_at_step_5(optimizer, lr, step, loss, grad_norm):
         if step == 4:  # 0-based: steps 1..4 are done, the last checkpoint is step 3
@@ -105,7 +111,7 @@ def test_resume_ends_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_sft(tiny_model_dir, tmp_path / "resumed", *args)
     monkeypatch.setattr(sft, "apply_update", real_update)
-    assert [s for s, _ in sft.list_checkpoints(tmp_path / "resumed")] == [3]
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "resumed")] == [3]
     run_sft(tiny_model_dir, tmp_path / "resumed", *args, "--resume")
 
     a = load_file(tmp_path / "straight" / "step_000008" / "model.safetensors")
@@ -131,7 +137,7 @@ def test_resume_sweeps_what_a_killed_run_was_writing(tmp_path):
     --resume removes every one and leaves complete checkpoints and other files alone."""
     out = tmp_path / "run"
     config = {"lr": 0.1}
-    sft.prepare_out_dir(out, config, resume=False, overwrite=False)
+    checkpoints.prepare_out_dir(out, config, resume=False, overwrite=False)
     stale = [out / ".tmp-step_000004-ab12", out / "resume" / ".tmp-step_000002-cd34", out / "aw_anchor" / ".tmp-x"]
     for path in stale:
         (path / "sub").mkdir(parents=True)
@@ -141,7 +147,7 @@ def test_resume_sweeps_what_a_killed_run_was_writing(tmp_path):
     for path in kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
-    sft.prepare_out_dir(out, config, resume=True, overwrite=False)
+    checkpoints.prepare_out_dir(out, config, resume=True, overwrite=False)
     assert not [p for p in out.rglob(".tmp-*")]
     assert all(p.read_text() == "{}" for p in kept)
 
@@ -182,12 +188,12 @@ def test_resume_refuses_edited_data(tiny_model_dir, tmp_path):
 
 
 def test_lr_schedule():
-    assert sft.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert sft.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert sft.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert sft.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert sft.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
-    lrs = [sft.lr_at(s, 100, 10, 1.0) for s in range(10, 100)]
+    assert train.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert train.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert train.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert train.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert train.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+    lrs = [train.lr_at(s, 100, 10, 1.0) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
@@ -285,37 +291,37 @@ def test_per_example_options_match_transformers(tiny_model_dir, tmp_path):
 
 
 def test_spacing_rules_by_hand():
-    assert sft.even_steps(16, 5) == [5, 10, 15, 16]  # the paper's (and the default's) rule
-    assert sft.spaced_steps("even", 16, 3) == [6, 12, 16]  # ceil(16 / 3) = 6
+    assert footsteps.even_steps(16, 5) == [5, 10, 15, 16]  # the paper's (and the default's) rule
+    assert footsteps.spaced_steps("even", 16, 3) == [6, 12, 16]  # ceil(16 / 3) = 6
     # geometric: round(total^(k/n)); 100^(1/4) = 3.16, 100^(1/2) = 10, 100^(3/4) = 31.6
-    assert sft.geometric_steps(100, 4) == [3, 10, 32, 100]
+    assert footsteps.geometric_steps(100, 4) == [3, 10, 32, 100]
     # 20^(k/10) = 1.35 1.82 2.46 3.31 4.47 6.03 8.14 10.99 14.82 20: collisions move up by one
-    assert sft.geometric_steps(20, 10) == [1, 2, 3, 4, 5, 6, 8, 11, 15, 20]
-    assert sft.geometric_steps(5, 5) == [1, 2, 3, 4, 5] and sft.geometric_steps(7, 1) == [7]
+    assert footsteps.geometric_steps(20, 10) == [1, 2, 3, 4, 5, 6, 8, 11, 15, 20]
+    assert footsteps.geometric_steps(5, 5) == [1, 2, 3, 4, 5] and footsteps.geometric_steps(7, 1) == [7]
     with pytest.raises(UserError, match="--checkpoints 6: geometric spacing needs 1 to 5"):
-        sft.geometric_steps(5, 6)
+        footsteps.geometric_steps(5, 6)
     # val loss 10 at the start, lowest 4 at step 8: shares of the drop 6 at 8, 6 and 4 -> first steps 2, 4, 8, + final
     curve = {0: 10.0, 2: 8.0, 4: 5.0, 6: 4.5, 8: 4.0, 10: 4.2}
-    assert sft.val_loss_steps(curve, 3) == [2, 4, 8, 10]
-    assert sft.val_loss_steps(curve, 6) == [2, 4, 8, 10]  # levels 9, 8 both first reached at 2; 7, 6, 5 at 4
-    assert sft.val_loss_steps(curve, 1) == [8, 10]
-    assert sft.val_loss_steps({0: 3.0, 2: 3.5, 4: 3.2}, 3) == [4]  # no drop: only the final step
+    assert footsteps.val_loss_steps(curve, 3) == [2, 4, 8, 10]
+    assert footsteps.val_loss_steps(curve, 6) == [2, 4, 8, 10]  # levels 9, 8 both first reached at 2; 7, 6, 5 at 4
+    assert footsteps.val_loss_steps(curve, 1) == [8, 10]
+    assert footsteps.val_loss_steps({0: 3.0, 2: 3.5, 4: 3.2}, 3) == [4]  # no drop: only the final step
     # n of a run's checkpoints by the same rules: steps 7, 14, ..., 63 and 68
     steps = [7, 14, 21, 28, 35, 42, 49, 56, 63, 68]
-    assert sft.subset_steps(steps, 3, "even") == [21, 42, 68]  # targets 23, 45, 68
-    assert sft.subset_steps(steps, 10, "even") == steps
-    assert sft.subset_steps(steps, 3, "geometric") == [7, 14, 68]  # targets 4, 17, 68
-    assert sft.subset_steps(steps, 1, "geometric") == [68]
+    assert footsteps.subset_steps(steps, 3, "even") == [21, 42, 68]  # targets 23, 45, 68
+    assert footsteps.subset_steps(steps, 10, "even") == steps
+    assert footsteps.subset_steps(steps, 3, "geometric") == [7, 14, 68]  # targets 4, 17, 68
+    assert footsteps.subset_steps(steps, 1, "geometric") == [68]
     with pytest.raises(UserError, match="fewer than 5 distinct"):  # targets 2, 5, 13, 29, 68: 2 and 5 both -> 7
-        sft.subset_steps(steps, 5, "geometric")
+        footsteps.subset_steps(steps, 5, "geometric")
     with pytest.raises(UserError, match="--candidates 11: the teacher run has 10"):
-        sft.subset_steps(steps, 11, "even")
+        footsteps.subset_steps(steps, 11, "even")
 
 
 def test_geometric_spacing_run(tiny_model_dir, tmp_path):
     out = tmp_path / "geo"
     run_sft(tiny_model_dir, out, "--epochs", "4", "--spacing", "geometric", "--checkpoints", "4")  # 16 steps
-    assert [s for s, _ in sft.list_checkpoints(out)] == [2, 4, 8, 16]  # 16^(1/4) = 2, 16^(1/2) = 4, 16^(3/4) = 8
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4, 8, 16]  # 16^(1/4) = 2, 16^(1/2) = 4, 16^(3/4) = 8
     index = json.loads((out / "checkpoints.json").read_text())
     assert index["steps"] == [2, 4, 8, 16] and index["final"] == 16 and index["spacing"] == "geometric"
     with pytest.raises(UserError, match="--save-every: places even checkpoints; --spacing geometric"):
@@ -337,7 +343,7 @@ def test_val_loss_spacing_run(tiny_model_dir, tmp_path):
     # the start's loss is the untrained model's, scored independently here
     tok = data.load_tokenizer(tiny_model_dir)
     val, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "val", limit=4, seed=0), 160)
-    assert curve[0] == pytest.approx(sft.eval_loss(load_model(tiny_model_dir), val, tok.pad_id, 4, torch.device("cpu"),
+    assert curve[0] == pytest.approx(train.eval_loss(load_model(tiny_model_dir), val, tok.pad_id, 4, torch.device("cpu"),
                                                   "fp32"),
                                      rel=1e-5)
     # the footsteps, found here from the logged curve: the first step at or below each third of the drop
@@ -345,12 +351,12 @@ def test_val_loss_spacing_run(tiny_model_dir, tmp_path):
     assert lmin < l0
     levels = [l0 - (l0 - lmin) / 3, l0 - 2 * (l0 - lmin) / 3, lmin]
     expect = sorted({16} | {min(s for s in curve if s and curve[s] <= lv + 1e-12) for lv in levels})
-    kept = [s for s, _ in sft.list_checkpoints(out)]
+    kept = [s for s, _ in checkpoints.list_checkpoints(out)]
     assert kept == expect and not list(out.glob(".tmp-*"))
     index = json.loads((out / "checkpoints.json").read_text())
     assert index["steps"] == kept and index["final"] == 16 and index["spacing"] == "val_loss"
     assert index["best"] == min(curve, key=lambda s: (curve[s], s) if s else (math.inf, s))
-    for s, p in sft.list_checkpoints(out):
+    for s, p in checkpoints.list_checkpoints(out):
         assert json.loads((p / "meta.json").read_text())["val_loss"] == curve[s]
     assert {int(k): v for k, v in index["val_curve"].items()} == curve
 
@@ -358,7 +364,7 @@ def test_val_loss_spacing_run(tiny_model_dir, tmp_path):
 def test_val_loss_spacing_resumes_to_the_same_footsteps(tiny_model_dir, tmp_path, monkeypatch):
     args = ("--epochs", "2", "--spacing", "val_loss", "--checkpoints", "2", "--eval-every", "2", "--dtype", "fp32")
     run_sft(tiny_model_dir, tmp_path / "straight", *args)
-    real_update = sft.apply_update
+    real_update = train.apply_update
 
     def crash(optimizer, lr, step, loss, grad_norm):
         if step == 5:  # the candidates at 2 and 4 are saved, the one at 6 not yet
@@ -369,10 +375,19 @@ def test_val_loss_spacing_resumes_to_the_same_footsteps(tiny_model_dir, tmp_path
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_sft(tiny_model_dir, tmp_path / "resumed", *args)
     monkeypatch.setattr(sft, "apply_update", real_update)
-    assert [s for s, _ in sft.list_checkpoints(tmp_path / "resumed")] == [2, 4]
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "resumed")] == [2, 4]
     run_sft(tiny_model_dir, tmp_path / "resumed", *args, "--resume")
     a, b = (json.loads((tmp_path / r / "checkpoints.json").read_text()) for r in ("straight", "resumed"))
     assert a == b and a["steps"][-1] == 8 and len(a["val_curve"]) == 5  # step 0 (logged once) and 2, 4, 6, 8
     for s in a["steps"]:
-        x, y = (load_file(tmp_path / r / sft.checkpoint_name(s) / "model.safetensors") for r in ("straight", "resumed"))
+        x, y = (load_file(tmp_path / r / checkpoints.checkpoint_name(s) / "model.safetensors") for r in ("straight", "resumed"))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_best_by_metric_is_the_highest_validation_metric(tmp_path):
+    for step, metric in ((10, 0.2), (20, 0.5), (30, 0.5), (40, 0.1), (50, None)):
+        (tmp_path / f"step_{step:06d}").mkdir()
+        (tmp_path / f"step_{step:06d}" / "meta.json").write_text(json.dumps({"step": step, "val_metric": metric}))
+    assert checkpoints.best_by_metric(tmp_path) == tmp_path / "step_000020"  # the earlier of the two best
+    (tmp_path / "none").mkdir()
+    assert checkpoints.best_by_metric(tmp_path / "none") is None

@@ -13,10 +13,12 @@ from conftest import ROOT, TEACHER_STEPS, make_teacher_runs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import data
 import distill
-import sft
+import losses
 import teacher_cache
+import weights
 from model import load_model
 from runtime import UserError
 
@@ -69,9 +71,9 @@ def test_cached_values_match_transformers(runs, tmp_path):
     probe_ids = set(manifest["settings"]["probe_ids"])
     assert 3 <= len(probe_ids) <= 6
     for step in TEACHER_STEPS:
-        hf = AutoModelForCausalLM.from_pretrained(root / "teacher" / sft.checkpoint_name(step)).eval()
-        exact = load_file(tmp_path / "exact" / f"{sft.checkpoint_name(step)}.safetensors")
-        topk = load_file(tmp_path / "topk" / f"{sft.checkpoint_name(step)}.safetensors")
+        hf = AutoModelForCausalLM.from_pretrained(root / "teacher" / checkpoints.checkpoint_name(step)).eval()
+        exact = load_file(tmp_path / "exact" / f"{checkpoints.checkpoint_name(step)}.safetensors")
+        topk = load_file(tmp_path / "topk" / f"{checkpoints.checkpoint_name(step)}.safetensors")
         assert len(exact) == 2 * len(items) and len(topk) == 4 * len(items) + len(probe_ids)
         for it in items:
             with torch.no_grad():
@@ -153,8 +155,11 @@ def test_cache_distills_as_online(case, runs, tmp_path):
 def test_no_teacher_model_is_loaded_with_a_cache(runs, tmp_path, monkeypatch):
     teacher_cache.main(build_argv(runs, tmp_path / "cache", "--form", "topk", "--top-k", "8"))
     loaded = []
-    real = distill.load_model
-    monkeypatch.setattr(distill, "load_model", lambda path, **kw: loaded.append(str(path)) or real(path, **kw))
+    import distill_run
+    import teachers
+    real = distill_run.load_model
+    for module in (distill_run, teachers, weights):  # everywhere distill.py loads a model from
+        monkeypatch.setattr(module, "load_model", lambda path, **kw: loaded.append(str(path)) or real(path, **kw))
     distill.main(argv(runs, tmp_path / "run", "--schedule", "scd", "--aw", "--teacher-cache", tmp_path / "cache"))
     assert loaded and not any("teacher" in p for p in loaded), loaded
     assert not (tmp_path / "probe_cache").exists()
@@ -169,10 +174,10 @@ def topk_of(t_logits, k):
     logp = torch.log_softmax(t_logits.float(), -1)
     values, indices = logp.topk(k, -1)
     tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), -1)
-    return teacher_cache.TopK(values, indices, tail, t_logits.shape[-1])
+    return losses.TopK(values, indices, tail, t_logits.shape[-1])
 
 
-@pytest.mark.parametrize("loss", sorted(distill.DIVERGENCES))
+@pytest.mark.parametrize("loss", sorted(losses.DIVERGENCES))
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 @pytest.mark.parametrize("k", [V_SMALL, V_SMALL - 1])
 def test_topk_with_full_or_one_token_tail_equals_exact(loss, temperature, k):
@@ -183,9 +188,9 @@ def test_topk_with_full_or_one_token_tail_equals_exact(loss, temperature, k):
     y = torch.randint(0, V_SMALL, (11,), generator=g)
     params = {"jsd": {"beta": 0.3}, "skew_fkl": {"lam": 0.2}, "skew_rkl": {"lam": 0.2}}.get(loss, {})
     head = lambda x: x  # noqa: E731
-    kd, ce = distill.token_losses(s, head, t, y, loss, temperature, **params)
+    kd, ce = losses.token_losses(s, head, t, y, loss, temperature, **params)
     (grad,) = torch.autograd.grad(kd.sum() + ce.sum(), s)
-    kd2, ce2 = distill.token_losses(s, head, topk_of(t, k), y, loss, temperature, **params)
+    kd2, ce2 = losses.token_losses(s, head, topk_of(t, k), y, loss, temperature, **params)
     (grad2,) = torch.autograd.grad(kd2.sum() + ce2.sum(), s)
     torch.testing.assert_close(kd2, kd, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ce2, ce)
@@ -216,12 +221,12 @@ def test_topk_fkl_against_float64_and_below_the_full_kl(temperature):
     t = 2 * torch.randn(13, V_SMALL, generator=g)
     y = torch.randint(0, V_SMALL, (13,), generator=g)
     for k in (1, 4, 16):
-        kd, _ = distill.token_losses(s, lambda x: x, topk_of(t, k), y, "fkl", temperature)
+        kd, _ = losses.token_losses(s, lambda x: x, topk_of(t, k), y, "fkl", temperature)
         torch.testing.assert_close(kd.double(), f64_bucketed_fkl(s, t, k, temperature), atol=1e-5, rtol=1e-5)
         if temperature == 1.0:  # data-processing inequality: every bucketed f-divergence is below the full one
-            for loss in distill.DIVERGENCES:
-                full, _ = distill.token_losses(s, lambda x: x, t, y, loss)
-                bucketed, _ = distill.token_losses(s, lambda x: x, topk_of(t, k), y, loss)
+            for loss in losses.DIVERGENCES:
+                full, _ = losses.token_losses(s, lambda x: x, t, y, loss)
+                bucketed, _ = losses.token_losses(s, lambda x: x, topk_of(t, k), y, loss)
                 assert (bucketed <= full + 1e-5).all() and (bucketed < full - 1e-4).any(), (loss, k)
 
 
@@ -250,7 +255,7 @@ def test_stale_or_foreign_cache_is_refused(runs, tmp_path):
         model = load_model(ckpt)
         with torch.no_grad():
             model.model.norm.weight.mul_(1.5)
-        sft.save_checkpoint(root / "teacher", 4, model, data.load_tokenizer(ckpt), json.loads(
+        checkpoints.save_checkpoint(root / "teacher", 4, model, data.load_tokenizer(ckpt), json.loads(
             (ckpt / "meta.json").read_text()))
         r = subprocess.run([sys.executable, "distill.py", *argv(runs, tmp_path / "changed", "--teacher-cache", cache)],
                            cwd=ROOT, capture_output=True, text=True)
