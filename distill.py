@@ -24,7 +24,7 @@ import runtime
 import schedule
 from distill_run import DistillRun
 from flags import add_common_args, distill_unused, resolve_args
-from losses import DIVERGENCES, PARAMS, token_losses
+from losses import DIVERGENCES
 from runtime import UserError, run_cli
 from sft import ROLE_DEFAULTS
 from train import answer_hidden, apply_update, idle_pass, lr_at, make_optimizer, n_answer_tokens, to_device
@@ -34,7 +34,7 @@ from weights import aw_weight, sample_mean
 DEFAULTS = {k: ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
 
 
-def distill_step(student, teacher, anchor, micro_batches: list[dict], args, device) -> dict:
+def distill_step(student, teacher, anchor, kd_term, micro_batches: list[dict], args, device) -> dict:
     """Gradients of one optimiser step, the paper's objective over the micro-batches' answer tokens j:
 
         L = Σ_j w·KD_j + (1 − w)·CE_j / (answer tokens of the step),   w = σ(log L_stuSFT − log L_ckpt) per sample
@@ -45,11 +45,11 @@ def distill_step(student, teacher, anchor, micro_batches: list[dict], args, devi
     Args:
         teacher: the stage's teacher (teachers.ModelTeacher or teacher_cache.CachedTeacher): targets(batch).
         anchor: ids -> L_stuSFT (B,) (weights.FrozenAnchor, or StageAnchor), or None.
+        kd_term: losses.KDTerm (or TAIDTerm): the divergence per token, and the gold CE.
     Returns:
         token means of loss, KD and CE, the mean w, and the gradient norm before clipping.
     """
     n_tokens = max(runtime.sum_int(sum(n_answer_tokens(b) for b in micro_batches)), 1)  # the step's, all ranks
-    params = {k: getattr(args, k) for k in PARAMS.get(args.loss, ())}
     sums, n_samples = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "w": 0.0}, 0
     for batch in micro_batches:
         if not batch["ids"]:  # this rank's empty share of a short last batch (torchrun)
@@ -65,7 +65,7 @@ def distill_step(student, teacher, anchor, micro_batches: list[dict], args, devi
         else:  # AW: w = L_stuSFT / (L_stuSFT + L_ckpt), per sample
             w = aw_weight(anchor(batch["ids"]).to(device), sample_mean(ce_teacher, rows, B))  # (B,)
         with runtime.autocast(device, args.dtype):
-            kd, ce = token_losses(h, student.lm_logits, target, labels, args.loss, args.temperature, **params)
+            kd, ce = kd_term(h, student.lm_logits, target, labels)  # KD_j (N,), CE_j (N,)
             loss = (w[rows] * kd + (1 - w[rows]) * ce).sum() / n_tokens
         loss.backward()
         sums["loss"] += float(loss.detach())
@@ -92,9 +92,9 @@ def distill(args):
         run.start_stage(chosen, optimizer)  # a mid-stage resume restores the optimiser's state here
         student.train()
         while run.k < run.stage_steps:
-            micro = run.batches()
+            micro = run.batches()  # the gold answers, or (--on-policy) the student's own samples
             lr = lr_at(run.k, run.stage_steps, run.warmup, args.lr)
-            stats = distill_step(student, teacher, anchor, micro, args, run.device)
+            stats = distill_step(student, teacher, anchor, run.kd_term, micro, args, run.device)
             apply_update(optimizer, lr, run.step, stats["loss"], stats["grad_norm"])
             run.end_step(micro, stats, lr, optimizer)  # metrics.jsonl, the bar, --save-every resume states
         del optimizer
@@ -102,7 +102,7 @@ def distill(args):
     return run.finish()  # the final export and its evaluation
 
 
-def parse_args(argv=None):
+def flag_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -116,6 +116,13 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=1.0, help="softmax temperature of the divergence")
     a("--beta", type=float, default=0.5, help="β of --loss jsd (0: forward KL, 1: reverse KL)")
     a("--lam", type=float, default=0.1, help="λ of --loss skew_fkl / skew_rkl")
+    a("--taid-t-start", type=float, default=0.4, help="--loss taid: the interpolation weight t at the start (TAID's)")
+    a("--taid-alpha", type=float, default=5e-4, help="--loss taid: α, the step of t's adaptive growth (TAID's)")
+    a("--taid-beta", type=float, default=0.99, help="--loss taid: β, the momentum of the loss's relative change")
+    a("--on-policy", type=float, default=0.0,
+      help="λ of on-policy distillation (GKD): the probability that a step trains on the student's own sampled "
+           "answers (temperature 1, the task's generation cap) instead of the gold ones; needs a live teacher "
+           "and no AW (0 = off)")
     a("--stages", type=int, default=5, help="distillation stages; the teacher is re-chosen at each")
     a("--stage-steps", type=int, default=0,
       help="optimiser steps per stage; 0 = --epochs over the data, split evenly over the stages")
@@ -165,8 +172,15 @@ def parse_args(argv=None):
       help="optimiser steps between resume states inside a stage (0 = at stage ends only)")
     a("--eval-split", choices=["test", "val", "none"], default="test", help="final evaluation split")
     a("--eval-size", type=int, default=0, help="evaluate on the first N examples (0 = all)")
-    a("--max-new-tokens", type=int, default=0, help="generation cap of the final evaluation (0 = the task's own)")
+    a("--max-new-tokens", type=int, default=0,
+      help="generation cap of the final evaluation and of --on-policy samples (0 = the task's own)")
     add_common_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, resolved and checked: a flag this run would ignore, or a value out of range, is one error line."""
+    p = flag_parser()
     args = p.parse_args(argv)
     runtime.refuse_unused(runtime.given_flags(p, argv), distill_unused(args))
     resolve_args(args, DEFAULTS)
@@ -178,6 +192,8 @@ def parse_args(argv=None):
                      ("probe-size", args.probe_size >= 1), ("alpha", 0 <= args.alpha <= 1),
                      ("temperature", args.temperature > 0), ("beta", 0 <= args.beta <= 1),
                      ("lam", 0 <= args.lam <= 1), ("eval-size", args.eval_size >= 0),
+                     ("taid-t-start", 0 <= args.taid_t_start < 1), ("taid-alpha", 0 <= args.taid_alpha <= 1),
+                     ("taid-beta", 0 <= args.taid_beta <= 1), ("on-policy", 0 <= args.on_policy <= 1),
                      ("max-new-tokens", args.max_new_tokens >= 0), ("candidates", args.candidates >= 0),
                      ("metric2-weight", args.metric2_weight >= 0 and math.isfinite(args.metric2_weight))):
         if not ok:

@@ -21,7 +21,9 @@ from checkpoints import (MetricsLog, export, final_checkpoint, items_fingerprint
                          list_checkpoints, load_resume_state, model_fingerprint, prepare_out_dir, read_checkpoint_index,
                          save_resume_state, RESUME_FREE, STATE_FILES)
 from footsteps import subset_steps
+from losses import KDTerm, TAIDTerm
 from model import load_model
+from on_policy import OnPolicy
 from runtime import UserError, read_json
 from teachers import CheckpointTeachers
 from train import Progress, eval_loss, load_split, run_length, step_batches
@@ -63,6 +65,12 @@ class DistillRun:
             self.student_sft = final_checkpoint(args.student_sft)
             named[f"--student-sft {self.student_sft}"] = self.student_sft
         schedule.check_same_vocab(named)
+        for bad, why in ((args.teacher_cache, "the sampled answers need a live teacher; drop --teacher-cache"),
+                         (args.aw, "AW weighs each sample's gold CE against the teacher's and sampled answers have "
+                                   "no gold: add --no-aw"),
+                         (runtime.world() > 1, "sampling runs in one process: start it with python, not torchrun")):
+            if args.on_policy and bad:
+                raise UserError(f"--on-policy {args.on_policy}: {why}")
         runtime.seed_everything(args.seed)
         self.tok = data.load_tokenizer(args.init)
         train_examples, self.train_items = load_split(self.tok, args, "train", args.train_size)
@@ -107,6 +115,7 @@ class DistillRun:
         """(stage, k, step, tokens seen, resume dir or None): where the loop starts. A resume forgets the log lines
         the interrupted run wrote after its state, and a stage not yet chosen is chosen again."""
         self.best = None  # --val-metric: the best stage so far, {"stage", "step", "val_metric"}
+        self.kd_state = None  # what the KD term keeps across a resume (TAID's t)
         if not self.args.resume:
             return 0, 0, 0, 0, None
         found = latest_resumable(self.out / "resume")
@@ -115,7 +124,7 @@ class DistillRun:
         path = found[1]
         progress = read_json(path / STATE_FILES[1])
         stage, k, chosen, tokens_seen = (progress[x] for x in ("stage", "k", "chosen", "tokens_seen"))
-        self.best = progress.get("best")
+        self.best, self.kd_state = progress.get("best"), progress.get("kd")
         step = stage * self.stage_steps + k
         self.log.truncate_after(step)
         self.schedule_log.truncate_after(step if chosen is not None else step - 1)
@@ -123,8 +132,14 @@ class DistillRun:
         return stage, k, step, tokens_seen, path
 
     def make_seams(self):
-        """The scheduler, the teacher source and AW's anchor, from the flags."""
+        """The scheduler, the teacher source, AW's anchor, the KD term and the data source, from the flags."""
         args, device, tok = self.args, self.device, self.tok
+        self.kd_term = TAIDTerm(self.n_steps, args.temperature, args.taid_t_start, alpha=args.taid_alpha,
+                                beta=args.taid_beta) if args.loss == "taid" else KDTerm.of(args)
+        if self.kd_state:
+            self.kd_term.load(self.kd_state)
+        self.on_policy = OnPolicy(args.on_policy, tok, args.max_new_tokens or data.get_task(args.task).max_new_tokens,
+                                  args.seed, device, args.dtype) if args.on_policy else None
         probe_cache = None
         if args.schedule == "scd" and self.cache is not None:
             probe_cache = self.cache.probe(self.probe)
@@ -186,23 +201,27 @@ class DistillRun:
         self.progress.restart()
 
     def batches(self) -> list[dict]:
-        """This rank's micro-batches of the current step."""
+        """This rank's micro-batches of the current step: the gold answers, or with --on-policy (at its rate) the
+        same prompts with the student's own sampled answers."""
         a = self.args
-        return step_batches(self.train_items, self.step, self.steps_per_epoch, self.global_batch, a.grad_accum,
-                            a.seed, self.tok.pad_id)
+        micro = step_batches(self.train_items, self.step, self.steps_per_epoch, self.global_batch, a.grad_accum,
+                             a.seed, self.tok.pad_id)
+        return self.on_policy(micro, self.student, self.step) if self.on_policy is not None else micro
 
     def end_step(self, micro: list[dict], stats: dict, lr: float, optimizer):
         """A step done: its metrics.jsonl row, the bar, and a --save-every resume state inside the stage."""
         args = self.args
+        row = {"step": self.step + 1, "stage": self.stage, "ckpt": self.chosen, **stats, "lr": lr,
+               **self.kd_term.logged()}
+        self.kd_term.update(stats["kd"], self.step)
         self.k, self.step = self.k + 1, self.step + 1
-        self.progress.update(self.step, micro, {"step": self.step, "stage": self.stage, "ckpt": self.chosen, **stats,
-                                                "lr": lr}, last=self.k == self.stage_steps,
+        self.progress.update(self.step, micro, row, last=self.k == self.stage_steps,
                              loss=f"{stats['loss']:.4f}", w=f"{stats['w']:.2f}", ckpt=self.chosen, lr=f"{lr:.1e}")
         if args.save_every and self.k % args.save_every == 0 and self.k < self.stage_steps:
             save_resume_state(self.out, self.step, self.student, self.tok,
                               {"step": self.step, "stage": self.stage, "ckpt": self.chosen},
                               {"stage": self.stage, "k": self.k, "chosen": self.chosen,
-                               "tokens_seen": self.progress.tokens_seen}, optimizer)
+                               "tokens_seen": self.progress.tokens_seen, **self.kept_state()}, optimizer)
 
     def end_stage(self):
         """The stage's validation loss (and --sides, --val-metric), its export (and best/), and the resume state of
@@ -227,9 +246,14 @@ class DistillRun:
         self.stage, self.k = stage + 1, 0
         save_resume_state(self.out, step, student, self.tok, meta, {"stage": self.stage, "k": 0, "chosen": None,
                                                                     "tokens_seen": self.progress.tokens_seen,
-                                                                    **({"best": self.best} if self.best else {})})
+                                                                    **self.kept_state()})
         runtime.print0(f"stage {stage} done: val_loss {val_loss if val_loss is None else round(val_loss, 4)}"
                        f" -> {self.out / f'stage_{stage:02d}'}")
+
+    def kept_state(self) -> dict:
+        """What a resume state holds beyond the loop's position: the best stage, the KD term's own state."""
+        kd = self.kd_term.state()
+        return {**({"best": self.best} if self.best else {}), **({"kd": kd} if kd else {})}
 
     def finish(self) -> Path:
         """The final export, and its evaluation on --eval-split (rank 0 alone, on a full copy; the others wait)."""

@@ -225,8 +225,9 @@ def flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny random models with the real tokenizer and data: "
                                                         "the whole pipeline in about a minute (smoke test)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated, from " + ",".join(DEFAULT_VARIANTS) + "; add _from_sft to a name to "
-                        "start that distillation from the seed's SFT student instead of the base student")
+                   help="comma-separated, from " + ",".join(DEFAULT_VARIANTS) + ", the rivals taid and gkd, and the "
+                        "beyond-the-paper scd_aw_* (report.py); add _from_sft to a name to start that distillation "
+                        "from the seed's SFT student instead of the base student")
     p.add_argument("--out", default="runs/experiment", help="root dir; everything goes to OUT/TASK/")
     p.add_argument("--models", default="models", help="dir with teacher/ and student/ (made by prepare.py)")
     p.add_argument("--data-dir", default=None, help="directory with the built-in tasks' files (default "
@@ -542,7 +543,9 @@ def run_distill(ex: Experiment, student: Student, variant: str, out: Path, name:
             *distill_flags(variant, args, ex.root, student.aw_dir, student.run), "--teacher", str(ex.teacher_run),
             "--init", str(student.final if variant.endswith("_from_sft") else ex.models / "student"),
             "--variant", variant, "--out", str(out), "--eval-split", split, "--eval-size", str(size),
-            *(["--stop-repeats"] if args.decode == "stopped" else []), *cache_flags(ex), *student.flags,
+            *(["--stop-repeats"] if args.decode == "stopped" else []),
+            *(cache_flags(ex) if "--on-policy" not in VARIANTS[variant][1] else []),  # sampling needs a live teacher
+            *student.flags,
             *(QUICK_DISTILL if args.quick else []), *extra, *flags])
     prune_run(out, args.keep_stages)
     return read_json(out / "final" / f"eval_{args.task}_{split}.json")

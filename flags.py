@@ -150,6 +150,9 @@ def distill_unused(args) -> dict[str, str]:
         unused["beta"] = f"is the β of --loss jsd; --loss {args.loss} has none"
     if args.loss not in ("skew_fkl", "skew_rkl"):
         unused["lam"] = f"is the λ of --loss skew_fkl / skew_rkl; --loss {args.loss} has none"
+    if args.loss != "taid":
+        why = f"is a parameter of --loss taid's schedule; --loss {args.loss} has none"
+        unused.update(taid_t_start=why, taid_alpha=why, taid_beta=why)
     if args.stage_epochs:
         why = "--stage-epochs sets the length of every stage; drop one of them"
         unused.update(epochs=why, max_steps=why, stage_steps=why)
@@ -158,5 +161,5 @@ def distill_unused(args) -> dict[str, str]:
         unused.update(epochs=why, max_steps=why)
     if args.eval_split == "none":
         why = "there is no final evaluation with --eval-split none"
-        unused.update(eval_size=why, max_new_tokens=why)
+        unused.update(eval_size=why, **({} if args.on_policy else {"max_new_tokens": why}))
     return unused

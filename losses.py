@@ -105,9 +105,20 @@ def tvd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) 
     return 0.5 * (log_probs(teacher, temperature).exp() - log_probs(student, temperature).exp()).abs().sum(-1)
 
 
+def taid_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, t: float = 0.4) -> torch.Tensor:
+    """TAID (Shing et al. 2025): forward KL(p_t ‖ q) to an intermediate target between the student and the teacher,
+
+        p_t = softmax(((1 − t)·s̄ + t·z) / T),   s̄ the student's logits without gradient, z the teacher's,
+
+    interpolated in logit space (teacher log-probs serve as logits: softmax ignores a per-row shift). t = 0 is the
+    student itself (no signal), t = 1 forward KL from the teacher; TAIDTerm moves t from 0.4 to 1 during training."""
+    mix = (1 - t) * student.detach().float() + t * teacher.float()
+    return kl_rows(log_probs(mix, temperature), log_probs(student, temperature))
+
+
 DIVERGENCES = {"fkl": forward_kl, "rkl": reverse_kl, "jsd": jsd, "skew_fkl": skew_forward_kl,
-               "skew_rkl": skew_reverse_kl, "tvd": tvd}
-PARAMS = {"jsd": ("beta",), "skew_fkl": ("lam",), "skew_rkl": ("lam",)}  # each divergence's own parameters
+               "skew_rkl": skew_reverse_kl, "tvd": tvd, "taid": taid_kl}
+PARAMS = {"jsd": ("beta",), "skew_fkl": ("lam",), "skew_rkl": ("lam",)}  # each divergence's own flags
 
 
 def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -222,3 +233,79 @@ def token_losses(h: torch.Tensor, head, teacher, labels: torch.Tensor, loss: str
         return divergence(s, t, temperature, **params), per_token_ce(s, y)
 
     return chunked(slice_losses, h, teacher.detach(), labels, rows=rows or chunk_rows(teacher.shape[-1]))
+
+# -----------------------------------------------------------------------------
+# the KD term of distill_step
+
+
+class KDTerm:
+    """The KD term of the objective: a divergence at a temperature with its parameters, applied per answer token by
+    token_losses. update() runs after every optimiser step with the step's token-mean KD; state() and load() carry
+    whatever it keeps across a resume."""
+
+    def __init__(self, loss: str, temperature: float = 1.0, **params):
+        self.loss, self.temperature, self.fixed = loss, temperature, params
+
+    @classmethod
+    def of(cls, args) -> "KDTerm":
+        """The term distill.py's flags name: --loss at --temperature, with its own flags (--beta, --lam)."""
+        return cls(args.loss, args.temperature, **{k: getattr(args, k) for k in PARAMS.get(args.loss, ())})
+
+    def __call__(self, h: torch.Tensor, head, teacher, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(divergence (N,), gold CE (N,)) per answer token: token_losses with this term's divergence."""
+        return token_losses(h, head, teacher, labels, self.loss, self.temperature, **self.params())
+
+    def params(self) -> dict:
+        """The divergence's parameters at this step."""
+        return self.fixed
+
+    def update(self, kd: float, step: int):
+        pass
+
+    def logged(self) -> dict:
+        """What metrics.jsonl shows of the term at this step, beside the losses."""
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def load(self, state: dict):
+        pass
+
+
+class TAIDTerm(KDTerm):
+    """TAID's adaptive interpolation (Shing et al. 2025, ICLR; official code SakanaAI/TAID): t starts at t_start and
+    never falls below the linear ramp t_start -> t_end over the run's steps; while the KD loss keeps falling it moves
+    faster, by
+
+        m ← β·m + (1 − β)·(L_prev − L) / L_prev,    t ← min(t_end, max(ramp, t + α·σ(m)·(1 − t))).
+
+    The first step only records its loss. Defaults are the paper's: t_start 0.4, t_end 1, α 5e-4, β 0.99."""
+
+    def __init__(self, total_steps: int, temperature: float = 1.0, t_start: float = 0.4, t_end: float = 1.0,
+                 alpha: float = 5e-4, beta: float = 0.99):
+        super().__init__("taid", temperature)
+        self.total, self.t_start, self.t_end, self.alpha, self.beta = total_steps, t_start, t_end, alpha, beta
+        self.t, self.prev, self.momentum = t_start, None, 0.0
+
+    def params(self) -> dict:
+        return {"t": self.t}
+
+    def logged(self) -> dict:
+        return {"taid_t": self.t}
+
+    def update(self, kd: float, step: int):
+        """After optimiser step `step` (counted from 0) whose token-mean KD was `kd`."""
+        if self.prev is None:
+            self.prev = kd
+            return
+        self.momentum = self.beta * self.momentum + (1 - self.beta) * (self.prev - kd) / (self.prev + 1e-15)
+        ramp = self.t_start + (self.t_end - self.t_start) * step / self.total
+        grow = self.alpha * (1 / (1 + math.exp(-self.momentum))) * (1 - self.t)
+        self.t, self.prev = min(self.t_end, max(ramp, self.t + grow)), kd
+
+    def state(self) -> dict:
+        return {"t": self.t, "prev": self.prev, "momentum": self.momentum}
+
+    def load(self, state: dict):
+        self.t, self.prev, self.momentum = state["t"], state["prev"], state["momentum"]

@@ -48,7 +48,13 @@ BEYOND = {  # beyond the paper: SCD+AW with one choice changed, run only when na
     **{f"scd_aw_c{n}": (f"SCD+AW, {n} candidates", ["--schedule", "scd", "--aw", "--candidates", str(n)])
        for n in (3, 5, 10, 20)},
 }
+RIVALS = {  # the nearest rivals, on TD's teacher (the final checkpoint), each with its own paper's objective
+    "taid": ("TAID", ["--schedule", "td", "--td-ckpt", "final", "--no-aw", "--alpha", "1", "--loss", "taid"]),
+    "gkd": ("GKD (on-policy)", ["--schedule", "td", "--td-ckpt", "final", "--no-aw", "--alpha", "1", "--loss", "jsd",
+                                "--beta", "0.5", "--on-policy", "0.5"]),
+}
 VARIANTS.update(BEYOND)
+VARIANTS.update(RIVALS)
 VARIANTS.update({f"{k}_from_sft": (f"{label} from SFT", flags) for k, (label, flags) in VARIANTS.items()})
 # variants whose teacher changes by stage -> their line style in the schedule plot
 SCHEDULED = {"scd": "o-", "cd": "s--", "scd_aw": "^:",
@@ -195,9 +201,10 @@ def cut_rows(rows: list[dict], task: str, kind: str | None = None) -> list[dict]
 
 def comparison_pairs(variants: list[str]) -> list[str]:
     """"a - b" for every comparison the report makes: each distilled variant (and the SFT student) against TD and
-    against the SFT student, each variant started from the SFT student against TD from it, and each
-    beyond-the-paper variant against the paper's SCD+AW from the same start."""
-    out = []
+    against the SFT student, each variant started from the SFT student against TD from it, each
+    beyond-the-paper variant against the paper's SCD+AW from the same start, and SCD+AW against each rival."""
+    out = [f"{paper} - {v}" for v in variants if v.removesuffix("_from_sft") in RIVALS
+           for paper in ["scd_aw_from_sft" if v.endswith("_from_sft") else "scd_aw"] if paper in variants]
     for ref in ("td", "student_sft", "td_from_sft", "scd_aw", "scd_aw_from_sft"):
         for key in ["student_sft", *variants]:
             if ref == "td_from_sft" and not key.endswith("_from_sft"):  # one from the SFT student meets TD from it

@@ -28,6 +28,7 @@ import distill  # noqa: E402
 import losses  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
+from losses import KDTerm  # noqa: E402
 from model import load_model  # noqa: E402
 from runtime import run_cli  # noqa: E402
 from teachers import ModelTeacher  # noqa: E402
@@ -74,7 +75,8 @@ def main():
         train.apply_update(optimizer, 1e-6, 0, loss, grad_norm)
 
     def distill_step():
-        stats = distill.distill_step(student, ModelTeacher(teacher, device, a.dtype), stu_sft, [batch], args, device)
+        stats = distill.distill_step(student, ModelTeacher(teacher, device, a.dtype), stu_sft, KDTerm.of(args), [batch],
+                                     args, device)
         train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
 
     runs = {"reference": reference, "distill": distill_step}

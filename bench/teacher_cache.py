@@ -31,6 +31,7 @@ import data  # noqa: E402
 import distill  # noqa: E402
 import teacher_cache  # noqa: E402
 import train  # noqa: E402
+from losses import KDTerm  # noqa: E402
 from model import load_model  # noqa: E402
 from runtime import run_cli  # noqa: E402
 from runtime import save_tensors  # noqa: E402
@@ -102,7 +103,7 @@ def main():
 
     def step(source):
         def run():
-            stats = distill.distill_step(student, source, stu_sft, [batch], args, device)
+            stats = distill.distill_step(student, source, stu_sft, KDTerm.of(args), [batch], args, device)
             train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
         return run
 

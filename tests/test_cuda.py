@@ -17,6 +17,7 @@ import distill
 import runtime
 import train
 from generate import generate
+from losses import KDTerm
 from model import load_model
 from teachers import ModelTeacher
 
@@ -109,9 +110,9 @@ def test_distill_step_on_cuda_equals_the_cpu_step(models, aw):
     args = SimpleNamespace(aw=aw, alpha=0.5, beta=0.5, lam=0.1, dtype="fp32", loss="fkl", temperature=1.0)
     cpu = copy.deepcopy(student)
     gpu = copy.deepcopy(student).to(CUDA)
-    ref = distill.distill_step(cpu, ModelTeacher(teacher, CPU, "fp32"), lookup, micro, args, CPU)
-    out = distill.distill_step(gpu, ModelTeacher(copy.deepcopy(teacher).to(CUDA), CUDA, "fp32"), lookup, micro, args,
-                               CUDA)
+    ref = distill.distill_step(cpu, ModelTeacher(teacher, CPU, "fp32"), lookup, KDTerm.of(args), micro, args, CPU)
+    out = distill.distill_step(gpu, ModelTeacher(copy.deepcopy(teacher).to(CUDA), CUDA, "fp32"), lookup,
+                               KDTerm.of(args), micro, args, CUDA)
     for k in ("loss", "kd", "ce", "w", "grad_norm"):
         assert out[k] == pytest.approx(ref[k], rel=1e-4), k
     gc, gg = grads(cpu), grads(gpu)

@@ -2,6 +2,7 @@
 weights.py -> every variant (TD, CD, SCD, AW-only, SCD+AW), the layout it writes, resume, and refused inputs."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import distill
 import distill_run
 import schedule
 import weights
+from losses import KDTerm
 from model import load_model
 from runtime import UserError
 from teachers import ModelTeacher
@@ -142,7 +144,7 @@ def test_aw_weights_come_from_the_teacher_logits_of_the_kd_term(runs, tokenizer_
     batch = data.collate(items, tok.pad_id)
     args = SimpleNamespace(alpha=0.5, beta=0.5, lam=0.1, loss="fkl", temperature=1.0, dtype="fp32")
     stats = distill.distill_step(student, ModelTeacher(teacher, torch.device("cpu"), "fp32"), lambda ids: l_stu,
-                                 [batch], args, torch.device("cpu"))
+                                 KDTerm.of(args), [batch], args, torch.device("cpu"))
     l_ckpt = weights.sample_losses(teacher, items, tok.pad_id, 3, torch.device("cpu"))
     assert stats["w"] == pytest.approx(float((l_stu / (l_stu + l_ckpt)).mean()), rel=1e-5)
 
@@ -601,3 +603,86 @@ def test_stage_epochs_and_the_best_stage_by_the_validation_metric(runs, tmp_path
     assert (tmp_path / "run" / "best" / "eval_ncbi_disease_test.json").exists()
     with pytest.raises(UserError, match="--stage-steps: --stage-epochs sets"):
         distill.main(a + ["--stage-steps", "2"])
+
+
+def test_taid_runs_logs_t_and_resumes_exactly(runs, tmp_path, monkeypatch):
+    """--loss taid: t starts at --taid-t-start, never falls, is logged per step, and a resume restores it (so the
+    resumed run is the straight one, bit for bit)."""
+    flags = ("--schedule", "td", "--no-aw", "--alpha", "1", "--loss", "taid", "--save-every", "1", "--stage-steps", "3")
+    distill.main(argv(runs, tmp_path / "straight", *flags))
+    rows = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    ts = [r["taid_t"] for r in rows]
+    assert ts[0] == 0.4 and ts == sorted(ts) and ts[-1] > 0.4 and all(r["kd"] > 0 for r in rows)
+    with monkeypatch.context() as m:
+        kill_at(m, distill, "apply_update", lambda opt, lr, step, *a: step == 4)
+        with pytest.raises(RuntimeError, match="killed"):
+            distill.main(argv(runs, tmp_path / "killed", *flags))
+    distill.main(argv(runs, tmp_path / "killed", *flags, "--resume"))
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "straight", tmp_path / "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = lambda r: {k: v for k, v in r.items() if k != "tok_per_s"}  # noqa: E731
+    assert [drop(r) for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")] == \
+        [drop(r) for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
+    with pytest.raises(UserError, match="--taid-alpha"):
+        distill.main(argv(runs, tmp_path / "x", "--schedule", "td", "--no-aw", "--taid-alpha", "0.1"))
+
+
+GKD = ("--schedule", "td", "--no-aw", "--alpha", "1", "--loss", "jsd")
+
+
+def test_on_policy_rate_0_is_off_policy_jsd_and_rate_1_trains_on_samples(runs, tmp_path, monkeypatch):
+    distill.main(argv(runs, tmp_path / "off", *GKD))
+    distill.main(argv(runs, tmp_path / "zero", *GKD, "--on-policy", "0"))
+    drop = lambda r: {k: v for k, v in r.items() if k != "tok_per_s"}  # noqa: E731
+    assert [drop(r) for r in read_jsonl(tmp_path / "zero" / "metrics.jsonl")] == \
+        [drop(r) for r in read_jsonl(tmp_path / "off" / "metrics.jsonl")]
+    seen = []
+    real = distill.distill_step
+
+    def spy(student, teacher, anchor, kd_term, micro, args, device):
+        seen.append(micro)
+        return real(student, teacher, anchor, kd_term, micro, args, device)
+
+    monkeypatch.setattr(distill, "distill_step", spy)
+    distill.main(argv(runs, tmp_path / "on", *GKD, "--on-policy", "1", "--max-new-tokens", "6"))
+    for micro in seen:  # every step trained on sampled answers after the gold prompts
+        for b in micro:
+            for ids, labels in zip(b["input_ids"].tolist(), b["labels"].tolist()):
+                first = next(j for j, y in enumerate(labels) if y != -100)
+                answer = [y for y in labels[first:] if y != -100]
+                assert 1 <= len(answer) <= 7 and ids[first:first + len(answer)] == answer
+    rows = [r for r in read_jsonl(tmp_path / "on" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["loss"] != [r for r in read_jsonl(tmp_path / "off" / "metrics.jsonl") if "loss" in r][0]["loss"]
+    for extra, msg in ((("--teacher-cache", tmp_path / "none"), "live teacher"), (("--aw",), "no gold")):
+        a = argv(runs, tmp_path / "bad", *GKD, "--on-policy", "0.5", *extra)
+        if "--aw" in extra:
+            a = argv(runs, tmp_path / "bad", "--schedule", "td", "--aw", "--loss", "jsd", "--on-policy", "0.5")
+        with pytest.raises(UserError, match=msg):
+            distill.main(a)
+
+
+def test_on_policy_samples_come_from_the_students_own_distribution(tokenizer_dir, tmp_path):
+    """The first sampled answer token over many draws: its frequencies are the student's softmax at that position
+    (a model made peaked, so a few tokens carry the mass and the check has power)."""
+    from conftest import make_tiny_model
+    from on_policy import OnPolicy
+
+    tok = data.load_tokenizer(tokenizer_dir)
+    student = load_model(make_tiny_model(tmp_path / "s", tokenizer_dir, n_layers=1, dim=16, seed=3))
+    with torch.no_grad():
+        student.lm_head.weight.mul_(40.0)
+    items, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "train", limit=1), 96)
+    batch = data.collate(items, tok.pad_id)
+    first = next(j for j, y in enumerate(batch["labels"][0].tolist()) if y != -100)
+    with torch.no_grad():
+        p = torch.softmax(student(batch["input_ids"][:, :first])[0, -1], -1)
+    sampler = OnPolicy(1.0, tok, 1, seed=0, device=torch.device("cpu"))
+    n = 600
+    draws = [sampler(batch_list, student, step)[0]["labels"][0, first].item()
+             for step, batch_list in enumerate([[batch]] * n)]
+    top = p.topk(3)
+    # peaked enough that greedy decoding (frequency 1) or a flat draw (frequency ~0) would fail the check below
+    assert 0.1 < top.values[0] < 0.5
+    for prob, token in zip(top.values.tolist(), top.indices.tolist()):
+        freq = draws.count(token) / n
+        assert abs(freq - prob) < 4 * math.sqrt(prob * (1 - prob) / n) + 1e-3, (token, freq, prob)

@@ -17,7 +17,7 @@ def logits_pair(scale=3.0, n=N, v=V):
     return torch.randn(n, v) * scale, torch.randn(n, v) * scale
 
 
-def naive(name, s, t, T=1.0, beta=0.5, lam=0.1):
+def naive(name, s, t, T=1.0, beta=0.5, lam=0.1, t_mix=0.4):
     """Each divergence the long way, in float64 probabilities: softmax, then log of the probabilities."""
     q, p = torch.softmax(s.double() / T, -1), torch.softmax(t.double() / T, -1)
 
@@ -37,6 +37,8 @@ def naive(name, s, t, T=1.0, beta=0.5, lam=0.1):
         return kl(q, lam * q + (1 - lam) * p)
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if name == "taid":  # TAID's target: the logits interpolated, then softmax
+        return kl(torch.softmax(((1 - t_mix) * s.double() + t_mix * t.double()) / T, -1), q)
     raise KeyError(name)
 
 
@@ -238,3 +240,45 @@ def test_accumulation_invariance():
 def test_chunk_rows_bounds_slice_size():
     assert losses.chunk_rows(49152) * 49152 <= losses.CHUNK_ELEMENTS
     assert losses.chunk_rows(128256) >= 1 and losses.chunk_rows(10 ** 9) == 1
+
+
+def test_taid_target_is_the_student_at_0_and_the_teacher_at_1():
+    s, t = logits_pair()
+    torch.testing.assert_close(losses.taid_kl(s, t, t=1.0), forward_kl(s, t))
+    assert losses.taid_kl(s, t, t=0.0).abs().max() < 1e-6  # the target is the student itself
+    torch.testing.assert_close(losses.taid_kl(s, t, t=0.7).double(), naive("taid", s, t, t_mix=0.7), atol=1e-5,
+                               rtol=1e-4)
+    # teacher log-probs give the same target as its logits (softmax ignores the per-row shift)
+    torch.testing.assert_close(losses.taid_kl(s, torch.log_softmax(t, -1), t=0.7), losses.taid_kl(s, t, t=0.7))
+    # no gradient flows through the target's student half
+    s = s.clone().requires_grad_()
+    losses.taid_kl(s, t, t=0.5).sum().backward()
+    target = torch.softmax(0.5 * s.detach() + 0.5 * t, -1)
+    torch.testing.assert_close(s.grad, torch.softmax(s.detach(), -1) - target, atol=1e-6, rtol=1e-5)
+
+
+def test_taid_t_schedule_by_hand():
+    """t over a few steps from known losses: the first only records its loss, then momentum and growth as written in
+    TAIDTerm's docstring, never below the linear ramp, never above t_end."""
+    term = losses.TAIDTerm(total_steps=10, alpha=0.5, beta=0.9)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    term.update(2.0, 0)
+    assert (term.t, term.prev, term.momentum) == (0.4, 2.0, 0.0)
+    term.update(1.0, 1)  # loss halved: relative change 0.5
+    m = 0.1 * 0.5
+    t1 = max(0.4 + 0.6 * 1 / 10, 0.4 + 0.5 * sigmoid(m) * 0.6)
+    assert term.momentum == pytest.approx(m) and term.t == pytest.approx(t1)
+    term.update(1.5, 2)  # loss rose by half: the momentum falls, growth slows
+    m = 0.9 * m + 0.1 * (1.0 - 1.5) / 1.0
+    t2 = max(0.4 + 0.6 * 2 / 10, t1 + 0.5 * sigmoid(m) * (1 - t1))
+    assert term.momentum == pytest.approx(m) and term.t == pytest.approx(t2)
+    slow = losses.TAIDTerm(total_steps=10, alpha=0.0)  # no adaptive growth: exactly the ramp
+    for step, loss in enumerate([3.0, 2.0, 1.0, 0.5]):
+        slow.update(loss, step)
+    assert slow.t == pytest.approx(0.4 + 0.6 * 3 / 10)
+    for step in range(4, 40):
+        term.update(0.1, step)
+    assert term.t == 1.0  # t_end caps it
+    restored = losses.TAIDTerm(total_steps=10)
+    restored.load(term.state())
+    assert restored.params() == {"t": 1.0} and restored.state() == term.state()

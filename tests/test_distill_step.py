@@ -18,6 +18,7 @@ from test_distill_losses import naive  # the float64 textbook divergences
 
 import data
 import distill
+from losses import KDTerm
 from model import load_model
 from teachers import ModelTeacher
 
@@ -117,10 +118,10 @@ def real_step(student, teacher, micro, l_stu: dict, args, monkeypatch):
     import copy
     model = copy.deepcopy(student)
     seen = {"kd": [], "ce": [], "rows": [], "w": []}
-    real_losses, real_hidden, real_aw = distill.token_losses, distill.answer_hidden, distill.aw_weight
+    real_hidden, real_aw, term = distill.answer_hidden, distill.aw_weight, KDTerm.of(args)
 
-    def losses_spy(*a, **k):  # records what the real functions give, and gives it on
-        kd, ce = real_losses(*a, **k)
+    def kd_spy(*a):  # records what the real functions give, and gives it on
+        kd, ce = term(*a)
         seen["kd"].append(kd.detach().double())
         seen["ce"].append(ce.detach().double())
         return kd, ce
@@ -135,13 +136,11 @@ def real_step(student, teacher, micro, l_stu: dict, args, monkeypatch):
         seen["w"].append(w.detach().double())
         return w
 
-    monkeypatch.setattr(distill, "token_losses", losses_spy)
     monkeypatch.setattr(distill, "answer_hidden", hidden_spy)
     monkeypatch.setattr(distill, "aw_weight", aw_spy)
     lookup = (lambda ids: torch.tensor([l_stu[i] for i in ids])) if args.aw else None
-    stats = distill.distill_step(model, ModelTeacher(teacher, torch.device("cpu"), args.dtype), lookup, micro, args,
-                                 torch.device("cpu"))
-    monkeypatch.setattr(distill, "token_losses", real_losses)
+    stats = distill.distill_step(model, ModelTeacher(teacher, torch.device("cpu"), args.dtype), lookup, kd_spy, micro,
+                                 args, torch.device("cpu"))
     monkeypatch.setattr(distill, "answer_hidden", real_hidden)
     monkeypatch.setattr(distill, "aw_weight", real_aw)
     per_sample = seen["w"] if args.aw else [torch.full((int(r.max()) + 1,), args.alpha, dtype=torch.float64)

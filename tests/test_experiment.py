@@ -147,6 +147,18 @@ def test_quick_experiment_report(tmp_path, models_dir, capsys):
         assert f"| {report.VARIANTS[v][0]} | " + " | ".join(
             f"{fmt(r['sfs_loss'])} / {fmt(r['tfs_loss'])}" if None not in (r["sfs_loss"], r["tfs_loss"]) else "-"
             for r in evals) + " |" in md
+    # the rivals, on the same root: TAID from the base student, on-policy GKD from the SFT one, each met by SCD+AW
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants",
+                     "td,scd_aw,taid,td_from_sft,scd_aw_from_sft,gkd_from_sft"])
+    res = json.loads((root / "results.json").read_text())
+    for pair in ("scd_aw - taid", "scd_aw_from_sft - gkd_from_sft", "taid - td", "gkd_from_sft - td_from_sft"):
+        assert pair in res["intervals"], pair
+    taid_rows = [json.loads(s) for s in (root / "taid_s0" / "metrics.jsonl").read_text().splitlines()]
+    ts = [r["taid_t"] for r in taid_rows if "loss" in r]
+    assert ts and ts == sorted(ts) and 0.4 <= ts[0] and ts[-1] <= 1
+    gkd = json.loads((root / "gkd_from_sft_s0" / "config.json").read_text())
+    assert gkd["on_policy"] == 0.5 and gkd["teacher_cache"] is None and gkd["loss"] == "jsd"  # a live teacher
+    assert json.loads((root / "taid_s0" / "config.json").read_text())["teacher_cache"]  # TAID reads the cache
     config = json.loads((root / "scd_aw_dynamic_s0" / "config.json").read_text())
     assert config["aw_anchor"] == "current" and config["inputs"]["student_sft"] is None
     assert (root / "scd_aw_dynamic_s0" / "aw_anchor" / "stage_01.safetensors").exists()
