@@ -408,6 +408,11 @@ def best_by_metric(run_dir) -> Path | None:
     return max(scored, key=lambda x: (x[0], -x[1]))[2] if scored else None
 
 
+def sft_model(path) -> Path:
+    """--student-sft: a model dir (it has config.json) as it is, or an SFT run dir's final checkpoint."""
+    return Path(path) if (Path(path) / "config.json").is_file() else final_checkpoint(path)
+
+
 def final_checkpoint(run_dir) -> Path:
     """A run's final checkpoint (its newest if the run has no final yet): the frozen SFT student of AW."""
     index = read_checkpoint_index(run_dir)

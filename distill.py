@@ -160,8 +160,8 @@ def flag_parser() -> argparse.ArgumentParser:
     a("--sides", default=None,
       help="weights.py's sfs_tfs.json: after every stage, log the student's mean answer loss on its SFS and TFS "
            "examples (the final teacher's split) to metrics.jsonl")
-    a("--student-sft", default="runs/student", help="student SFT run dir: its final checkpoint is the frozen "
-                                                    "L_stuSFT of AW")
+    a("--student-sft", default="runs/student",
+      help="the frozen SFT student of AW's L_stuSFT: its SFT run dir (the final checkpoint) or a model dir")
     a("--init", default="models/student", help="model dir the distilled student starts from")
     a("--aw-table", default="runs/aw/losses.safetensors",
       help="L_stuSFT table from weights.py; used only if made from these examples, tokenizer, SFT student weights, "

@@ -17,9 +17,9 @@ import runtime
 import schedule
 import teacher_cache
 import weights
-from checkpoints import (MetricsLog, export, final_checkpoint, items_fingerprint, latest_resumable,
+from checkpoints import (MetricsLog, export, items_fingerprint, latest_resumable,
                          list_checkpoints, load_resume_state, model_fingerprint, prepare_out_dir, read_checkpoint_index,
-                         save_resume_state, RESUME_FREE, STATE_FILES)
+                         save_resume_state, sft_model, RESUME_FREE, STATE_FILES)
 from footsteps import subset_steps
 from losses import KDTerm, TAIDTerm
 from model import load_model
@@ -62,7 +62,7 @@ class DistillRun:
         named[f"--init {args.init}"] = Path(args.init)
         self.student_sft = None
         if args.aw and args.aw_anchor == "sft":
-            self.student_sft = final_checkpoint(args.student_sft)
+            self.student_sft = sft_model(args.student_sft)
             named[f"--student-sft {self.student_sft}"] = self.student_sft
         schedule.check_same_vocab(named)
         for bad, why in ((args.teacher_cache, "the sampled answers need a live teacher; drop --teacher-cache"),

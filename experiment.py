@@ -81,6 +81,15 @@ QUICK_MAX_NEW = 8  # the quick preset's generation cap, for tasks that generate 
 QUICK_DISTILL = ["--stages", "2"]
 QUICK_PROBE = ["--probe-size", "8"]  # SCD variants only
 PROBE_SIZE = 32  # distill.py's default --probe-size
+# the paper's protocol (--protocol paper): every trained row gets 10 epochs over the training examples from the model
+# it starts from, and is reported at the best of 5 checkpoints (every 2 epochs) by the validation task metric, beside
+# its final one. The short protocol: the SFT student's 3 epochs, distillation in the same budget, final checkpoints.
+PROTOCOLS = {"short": dict(student=[], distill=[]),
+             "paper": dict(student=["--epochs", "10", "--checkpoints", "5"],
+                           distill=["--stage-epochs", "2", "--val-metric"])}
+QUICK_PROTOCOLS = {"short": PROTOCOLS["short"],
+                   "paper": dict(student=["--epochs", "4", "--checkpoints", "2"],
+                                 distill=["--stage-epochs", "1", "--val-metric"])}
 QUICK_TEACHER = ["--save-every", "2", "--lr", "3e-3"]
 QUICK_STUDENT = ["--lr", "3e-3"]
 
@@ -95,7 +104,8 @@ def check_settings(root: Path, settings: dict):
     data) is refused by name instead of mixing runs."""
     path = root / "experiment.json"
     if path.exists():
-        old = {"decode": "strict", **read_json(path)}  # a root from before --decode decoded to the token cap
+        # a root from before --decode decoded to the token cap; one from before --protocol ran the short one
+        old = {"decode": "strict", "protocol": "short", **read_json(path)}
         diff = checkpoints.config_diff(old, json.loads(json.dumps(settings)))
         if diff:
             key, old, new = diff
@@ -136,6 +146,17 @@ class Timer:
         return result
 
 
+def without(flags: list[str], flag: str) -> list[str]:
+    """flags with `flag` and its value left out (--stage-epochs sets what --epochs would)."""
+    out, skip = [], False
+    for f in flags:
+        if f == flag or skip:
+            skip = f == flag
+            continue
+        out.append(f)
+    return out
+
+
 def prune_run(out: Path, keep_stages: bool):
     """A finished distillation needs its resume state no more, and the report reads only final/, schedule.jsonl and
     metrics.jsonl: drop resume/ and, unless asked to keep them, the stage_XX exports (one student copy each)."""
@@ -157,13 +178,13 @@ def test_eval(model_dir: Path, out: Path, args, test_size: int, device) -> dict:
                                  metric=args.metric, stop_repeats=args.decode == "stopped")
 
 
-def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_run: Path) -> list[str]:
+def distill_flags(variant: str, args, root: Path, aw_dir: Path, student_sft: Path) -> list[str]:
     """A variant's own flags: AW's reference only for AW variants, SCD's probe only for SCD (distill.py refuses
     flags its run would ignore)."""
     flags = VARIANTS[variant][1]
     out = list(flags)
     if "--aw" in flags and "current" not in flags:  # the dynamic anchor needs no frozen SFT student
-        out += ["--student-sft", str(student_run), "--aw-table", str(aw_dir / "losses.safetensors")]
+        out += ["--student-sft", str(student_sft), "--aw-table", str(aw_dir / "losses.safetensors")]
     if flags[flags.index("--schedule") + 1] == "scd":  # the probe's rows come from the teacher cache when there is one
         out += [*(["--probe-cache", str(root / "probe_cache")] if args.teacher_cache == "none" else []),
                 *(QUICK_PROBE if args.quick else [])]
@@ -265,6 +286,11 @@ def flag_parser() -> argparse.ArgumentParser:
                         "first line they repeat (evaluate.py --stop-repeats), or strict, at the token cap as the "
                         "paper's metric reads them (the report then gives the stopped score too, cut from them); "
                         "default stopped, strict for a task of scored options, which generates nothing to stop")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="short",
+                   help="short: the SFT student's 3 epochs, each distillation in the same budget, final checkpoints; "
+                        "paper: every trained row 10 epochs from where it starts (distillation: 5 stages of 2 epochs, "
+                        "the paper's T), reported at the best of 5 checkpoints by the validation task metric beside "
+                        "the final one; the SFT student's best is AW's reference and the from-SFT start")
     p.add_argument("--cache-precision", choices=sorted(teacher_cache.PRECISIONS), default="fp32",
                    help="on-disk dtype of the cached log-probs; fp32 distils as the teacher model would, to fp "
                         "rounding (cpu preset on NCBI: 553 MiB per checkpoint; fp16 halves it)")
@@ -339,6 +365,8 @@ class Experiment:
     task_flags: list[str]  # the task, as every script takes it
     common: list[str]  # every training run's flags
     quick_eval: list[str]  # --quick: the generation cap of SFT's validation
+    protocol: dict  # PROTOCOLS[args.protocol]: the student SFT's and every distillation's own flags
+    stop_flags: list[str]  # --stop-repeats where answers are decoded with stopping
     teacher_final: Path | None = None  # the teacher SFT's final checkpoint, once it has trained
     teacher_steps: int = 0  # how many checkpoints it saved: the other spacings save as many
     results: dict = field(default_factory=dict)  # what report.write_report reads: "main" = test scores per model
@@ -358,7 +386,7 @@ class Student:
     """One seed's SFT student, and what that seed's distillations read."""
     seed: int
     run: Path  # its SFT run
-    final: Path  # its final checkpoint: AW's frozen reference and the from-SFT variants' start
+    model: Path  # AW's frozen reference and the from-SFT variants' start: its final (or, --protocol paper, best)
     aw_dir: Path  # weights.py's per-sample loss table and SFS/TFS split
     flags: list[str]  # every training run's flags, with the seed
 
@@ -400,7 +428,9 @@ def setup(args: argparse.Namespace, argv) -> Experiment:
                       timer=Timer(root / "timings.json"), task_flags=task_flags,
                       common=[*preset["train"], *task_flags, "--device", str(device)],
                       quick_eval=["--eval-max-new-tokens", str(QUICK_MAX_NEW)]
-                      if args.quick and args.kind != "choices" else [])
+                      if args.quick and args.kind != "choices" else [],
+                      protocol=(QUICK_PROTOCOLS if args.quick else PROTOCOLS)[args.protocol],
+                      stop_flags=["--stop-repeats"] if args.decode == "stopped" else [])
 
 
 def heal_and_check(ex: Experiment):
@@ -419,7 +449,7 @@ def heal_and_check(ex: Experiment):
         raise UserError(f"--models {ex.models}: student/ was not made by heal.py (no heal.json); run python heal.py "
                         "--overwrite to heal the default student, or pass --no-heal to use this one as it is")
     check_settings(ex.root, {"task": args.task, "data": args.data, "metric": args.metric, "preset": args.preset,
-                             "decode": args.decode,
+                             "decode": args.decode, "protocol": args.protocol,
                              "test_size": ex.test_size, "lr_grid": args.lr_grid, "sft_lr_grid": args.sft_lr_grid,
                              "teacher_checkpoints": args.teacher_checkpoints, "teacher_cache": args.teacher_cache,
                              "top_k": args.top_k if args.teacher_cache == "topk" else None,
@@ -442,7 +472,8 @@ def teacher_sft(ex: Experiment):
                                                *(QUICK_TEACHER if args.quick else []), *flags])
     index = checkpoints.read_checkpoint_index(teacher_run)
     ex.teacher_steps = len(index["steps"])
-    ex.results = {"main": {k: [] for k in ["teacher_base", "teacher", "student_base", "student_sft", *args.variants]}}
+    ex.results = {"main": {k: [] for k in ["teacher_base", "teacher", "student_base", "student_sft", *args.variants]},
+                  "main_final": {}, "protocol": args.protocol}
     ex.eval_files = {k: [] for k in ex.results["main"]}
     ex.teacher_final = teacher_run / checkpoints.checkpoint_name(index["final"])
     evals = ex.root / "evals"
@@ -509,14 +540,22 @@ def student_sft(ex: Experiment, seed: int) -> Student:
     if flags is not None:
         ex.timer.run(f"student SFT s{seed}", sft.main, ["--role", "student", "--model", str(ex.models / "student"),
                                                         "--out", str(student_run), *s_common, *ex.quick_eval,
-                                                        *(QUICK_STUDENT if args.quick else []), *flags])
-    student_final = checkpoints.final_checkpoint(student_run)
-    path = ex.root / "evals" / f"student_sft_s{seed}.json"
-    m = ex.timer.run(f"eval student SFT s{seed}", test_eval, student_final, path, args, ex.test_size, ex.device,
-                     cached=path)
-    ex.results["main"]["student_sft"].append(m["main"])
-    ex.eval_files["student_sft"].append(path)
-    return Student(seed, student_run, student_final, ex.root / f"weights_s{seed}", s_common)
+                                                        *(QUICK_STUDENT if args.quick else []),
+                                                        *ex.protocol["student"], *ex.stop_flags, *flags])
+    final = checkpoints.final_checkpoint(student_run)
+    model = final
+    if args.protocol == "paper":  # the paper's SFT student: its best checkpoint by the validation metric
+        model = checkpoints.best_by_metric(student_run) or final
+    for key, which in [("student_sft", model), *([("student_sft", final)] if args.protocol == "paper" else [])]:
+        path = ex.root / "evals" / f"student_sft{'_final' if which != model else ''}_s{seed}.json"
+        m = ex.timer.run(f"eval student SFT{' final' if which != model else ''} s{seed}", test_eval, which, path,
+                         args, ex.test_size, ex.device, cached=path)
+        if which == model:
+            ex.results["main"][key].append(m["main"])
+            ex.eval_files[key].append(path)
+        else:
+            ex.results["main_final"].setdefault(key, []).append(m["main"])
+    return Student(seed, student_run, model, ex.root / f"weights_s{seed}", s_common)
 
 
 def aw_table(ex: Experiment, student: Student):
@@ -524,7 +563,7 @@ def aw_table(ex: Experiment, student: Student):
     the SFS/TFS split."""
     if not (student.aw_dir / "sfs_tfs.json").exists():
         ex.timer.run(f"weights s{student.seed}", weights.main, [
-            "--teacher", str(ex.teacher_run), "--student-sft", str(student.run), "--out", str(student.aw_dir),
+            "--teacher", str(ex.teacher_run), "--student-sft", str(student.model), "--out", str(student.aw_dir),
             *ex.task_flags, "--preset", "cpu" if ex.args.quick else ex.args.preset,
             "--train-size", str(ex.sizes["train_size"]), "--max-len", str(ex.sizes["max_len"]),
             "--dtype", ex.args.dtype, "--device", str(ex.device)])
@@ -540,12 +579,12 @@ def run_distill(ex: Experiment, student: Student, variant: str, out: Path, name:
     flags = run_flags(out, done, (out / "resume").exists())
     if flags is not None:
         ex.timer.run(name, distill.main, [
-            *distill_flags(variant, args, ex.root, student.aw_dir, student.run), "--teacher", str(ex.teacher_run),
-            "--init", str(student.final if variant.endswith("_from_sft") else ex.models / "student"),
+            *distill_flags(variant, args, ex.root, student.aw_dir, student.model), "--teacher", str(ex.teacher_run),
+            "--init", str(student.model if variant.endswith("_from_sft") else ex.models / "student"),
             "--variant", variant, "--out", str(out), "--eval-split", split, "--eval-size", str(size),
-            *(["--stop-repeats"] if args.decode == "stopped" else []),
-            *(cache_flags(ex) if "--on-policy" not in VARIANTS[variant][1] else []),  # sampling needs a live teacher
-            *student.flags,
+            *ex.stop_flags, *(cache_flags(ex) if "--on-policy" not in VARIANTS[variant][1] else []),
+            *(without(student.flags, "--epochs") if "--stage-epochs" in ex.protocol["distill"] else student.flags),
+            *ex.protocol["distill"], *(ex.quick_eval if "--val-metric" in ex.protocol["distill"] else []),
             *(QUICK_DISTILL if args.quick else []), *extra, *flags])
     prune_run(out, args.keep_stages)
     return read_json(out / "final" / f"eval_{args.task}_{split}.json")
@@ -576,10 +615,16 @@ def distill_variants(ex: Experiment, student: Student):
         start = "sft" if variant.endswith("_from_sft") else "base"
         lr = ["--lr", ex.lr_search[start]["chosen"]] if start in ex.lr_search else []
         sides_flag = ["--sides", str(student.aw_dir / "sfs_tfs.json")] if args.stage_sides and first else []
-        m = run_distill(ex, student, variant, ex.root / f"{variant}_s{seed}", f"distill {variant} s{seed}", *lr,
-                        *sides_flag)
+        out = ex.root / f"{variant}_s{seed}"
+        m = run_distill(ex, student, variant, out, f"distill {variant} s{seed}", *lr, *sides_flag)
+        if args.protocol == "paper":  # the best stage is the row, the final one is reported beside it
+            ex.results["main_final"].setdefault(variant, []).append(m["main"])
+            out = out / "best"
+            m = read_json(out / f"eval_{args.task}_test.json")
+        else:
+            out = out / "final"
         ex.results["main"][variant].append(m["main"])
-        ex.eval_files[variant].append(ex.root / f"{variant}_s{seed}" / "final" / f"eval_{args.task}_test.json")
+        ex.eval_files[variant].append(out / f"eval_{args.task}_test.json")
 
 
 def sides_analysis(ex: Experiment, student: Student):
@@ -591,7 +636,7 @@ def sides_analysis(ex: Experiment, student: Student):
     ex.sides = read_json(sides_path) if sides_path.exists() else {}
     tok = data.load_tokenizer(ex.models / "student")
     items = None
-    dirs = {"teacher": ex.teacher_final, "student_base": ex.models / "student", "student_sft": student.final,
+    dirs = {"teacher": ex.teacher_final, "student_base": ex.models / "student", "student_sft": student.model,
             **{v: ex.root / f"{v}_s{student.seed}" / "final" for v in args.variants}}
     for key, model_dir in dirs.items():
         if key in ex.sides:

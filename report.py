@@ -474,7 +474,23 @@ def scores_section(args, seeds: list[int], results: dict, rows: list[tuple[str, 
             f"Run {date.today().isoformat()} with the `{args.preset}` preset, seeds {seeds}, on {machine}, "
             f"torch {torch.__version__}.", "", "```", command, "```", "",
             f"## Test {metric} (mean ± std over {len(seeds)} seed{'s' * (len(seeds) > 1)})", "",
-            f"Test examples scored: {results.get('n_test', '?')}.", "", *score_table(results, rows, metric)]
+            f"Test examples scored: {results.get('n_test', '?')}.", "", *protocol_note(results, rows, metric),
+            *score_table(results, rows, metric)]
+
+
+def protocol_note(results: dict, rows: list[tuple[str, str]], metric: str) -> list[str]:
+    """--protocol paper: what every trained row's budget was, and its final checkpoint's score beside the best's."""
+    if results.get("protocol") != "paper":
+        return []
+    lines = ["The paper's protocol (--protocol paper): every trained row (the SFT student and each distillation) ran "
+             "10 epochs over the training examples from the model it starts from (distillation: 5 stages of 2 "
+             "epochs), and is reported at the best of its 5 checkpoints (every 2 epochs) by the validation "
+             f"{metric}; the SFT student's best is AW's reference and the from-SFT variants' start. The final "
+             "checkpoints scored:", "", f"| model | {metric}, final checkpoint | per seed |", "|---|---|---|"]
+    final = results.get("main_final", {})
+    lines += [f"| {label} | {mean_std(final[key])} | {', '.join(f'{v:.4f}' for v in final[key])} |"
+              for label, key in rows if key in final]
+    return lines + ["", "At the best checkpoint:", ""]
 
 
 def score_table(results: dict, rows: list[tuple[str, str]], metric: str) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 
 import data
 import runtime
-from checkpoints import (checkpoint_name, checkpoint_steps, files_fingerprint, final_checkpoint, item_digest,
+from checkpoints import (checkpoint_name, checkpoint_steps, files_fingerprint, sft_model, item_digest,
                          model_fingerprint, read_checkpoint_index)
 from flags import add_scoring_args, resolve_scoring_args
 from losses import per_token_ce
@@ -281,7 +281,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
-    p.add_argument("--student-sft", default="runs/student", help="student SFT run dir (its final checkpoint is used)")
+    p.add_argument("--student-sft", default="runs/student",
+                   help="the frozen SFT student: its SFT run dir (the final checkpoint) or a model dir")
     p.add_argument("--steps", default="all",
                    help="teacher checkpoints to score: 'all', 'best,final', or comma-separated steps")
     p.add_argument("--out", default="runs/aw", help="output dir for losses.safetensors and sfs_tfs.json")
@@ -292,7 +293,7 @@ def main(argv=None):
 
     index = read_checkpoint_index(args.teacher)
     steps = checkpoint_steps(args.teacher, args.steps)
-    student_dir = final_checkpoint(args.student_sft)
+    student_dir = sft_model(args.student_sft)
     tok = data.load_tokenizer(student_dir)
     _, items = load_split(tok, args, "train", args.train_size)
     if not items:

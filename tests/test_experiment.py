@@ -11,6 +11,7 @@ import pytest
 
 import experiment
 import report
+from runtime import UserError
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the plots are optional; CI has none
 
@@ -489,3 +490,27 @@ def test_stale_settings_and_unhealed_student_are_refused(tmp_path, models_dir, t
     for bad in ("even", "log"):  # the main teacher is the even one; log is no spacing
         with pytest.raises(UserError, match=f"--spacings '{bad}': expected geometric or val_loss"):
             experiment.main(["--quick", "--out", str(tmp_path / "y"), "--spacings", f"geometric,{bad}"])
+
+
+def test_quick_experiment_paper_protocol(tmp_path, models_dir):
+    """--protocol paper: the SFT student trains longer with several checkpoints and every distillation runs stages
+    of whole epochs with --val-metric; each row is scored at its best checkpoint (by the validation metric) beside
+    its final one, and the SFT student's best is AW's reference and the from-SFT start."""
+    experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--protocol", "paper",
+                     "--variants", "td,scd_aw_from_sft"])
+    root = tmp_path / "ncbi_disease_quick"
+    res = json.loads((root / "results.json").read_text())
+    assert res["protocol"] == "paper" and set(res["main_final"]) == {"student_sft", "td", "scd_aw_from_sft"}
+    best_sft = experiment.checkpoints.best_by_metric(root / "student_s0")
+    assert len(experiment.checkpoints.list_checkpoints(root / "student_s0")) == 2
+    for v in ("td", "scd_aw_from_sft"):
+        config = json.loads((root / f"{v}_s0" / "config.json").read_text())
+        assert config["stage_epochs"] == 1 and config["val_metric"] and config["stop_repeats"]
+        best = json.loads((root / f"{v}_s0" / "best" / "eval_ncbi_disease_test.json").read_text())
+        final = json.loads((root / f"{v}_s0" / "final" / "eval_ncbi_disease_test.json").read_text())
+        assert res["main"][v] == [best["main"]] and res["main_final"][v] == [final["main"]]
+    config = json.loads((root / "scd_aw_from_sft_s0" / "config.json").read_text())
+    assert config["init"] == config["student_sft"] == str(best_sft)
+    assert "The paper's protocol (--protocol paper)" in (root / "results.md").read_text()
+    with pytest.raises(UserError, match="protocol"):  # the root's runs were made under the paper's protocol
+        experiment.main(["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td"])
