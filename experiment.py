@@ -419,7 +419,7 @@ def setup(args: argparse.Namespace, argv) -> Experiment:
     grid_runs = sum(len(g) for g in searched)
     n_runs = 2 + len(args.spacings) + grid_runs + len(seeds) * (2 + len(args.variants))
     print(f"experiment {args.task}: preset {args.preset}, seeds {seeds}, variants {args.variants}: {n_runs} training "
-          f"runs ({grid_runs} of them the learning-rate search); the README lists what each took -> {root}")
+          f"runs ({grid_runs} of them the learning-rate search); docs/experiment.md lists what each took -> {root}")
 
     task_flags = ["--task", args.task, *(["--data", args.data] if args.data else []),
                   *(["--metric", args.metric] if args.metric else []),

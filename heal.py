@@ -325,7 +325,8 @@ def main(argv=None):
     a = p.add_argument
     a("--teacher", default="models/teacher", help="the base teacher (HF dir) to prune and to heal from")
     a("--prune", choices=PRUNES, default="block_influence",
-      help="which layers to drop (see the module docstring); block_influence measured best on SmolLM2-135M (README)")
+      help="which layers to drop (see the module docstring); block_influence measured best on SmolLM2-135M "
+           "(docs/models.md)")
     a("--layers", type=int, default=15, help="teacher layers the student keeps")
     a("--tokens", type=int, default=300_000, help="healing budget in training tokens (0: prune only)")
     a("--seq-len", type=int, default=256, help="tokens per packed sequence")

@@ -1,5 +1,5 @@
 """Training throughput and peak memory per rank, with and without activation checkpointing, in one process or under
-torchrun with FSDP2: the figures the README's memory plan (bench/memory_plan.py) estimates, measured.
+torchrun with FSDP2: the figures the memory plan in docs/scaling.md (bench/memory_plan.py) estimates, measured.
 
     python bench/scale.py                                      # SmolLM2-135M shape, CPU, batch 4 x 256
     python bench/scale.py --shape llama-3.2-3b --device cuda --batch 8 --seq 512
