@@ -37,7 +37,7 @@ DEFAULTS = {k: ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
 def distill_step(student, teacher, anchor, kd_term, micro_batches: list[dict], args, device) -> dict:
     """Gradients of one optimiser step, the paper's objective over the micro-batches' answer tokens j:
 
-        L = Σ_j w·KD_j + (1 − w)·CE_j / (answer tokens of the step),   w = σ(log L_stuSFT − log L_ckpt) per sample
+        L = Σ_j w·KD_j + (1 − w)·CE_j / (answer tokens of the step),   w = σ(log L_stuSFT − log L_ckpt)
 
     KD_j is the divergence (--loss) of the student from the teacher at token j and CE_j the student's gold CE;
     L_ckpt is the token-mean CE of the very teacher the KD term uses. Without AW (anchor None) w = --alpha.
@@ -161,8 +161,10 @@ def flag_parser() -> argparse.ArgumentParser:
       help="weights.py's sfs_tfs.json: after every stage, log the student's mean answer loss on its SFS and TFS "
            "examples (the final teacher's split) to metrics.jsonl")
     a("--student-sft", default="runs/student",
-      help="the frozen SFT student of AW's L_stuSFT: its SFT run dir (the final checkpoint) or a model dir")
-    a("--init", default="models/student", help="model dir the distilled student starts from")
+      help="the frozen SFT student of AW's L_stuSFT: its SFT run dir (the final checkpoint), a model dir or a "
+           "Hugging Face id")
+    a("--init", default="models/student",
+      help="model dir (or Hugging Face id, owner/name[@revision]) the distilled student starts from")
     a("--aw-table", default="runs/aw/losses.safetensors",
       help="L_stuSFT table from weights.py; used only if made from these examples, tokenizer, SFT student weights, "
            "--dtype and device kind, else L_stuSFT is computed here")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import hub
 from generate import KVCache, RepeatStop, generate, left_pad
 from model import load_model
 from runtime import (UserError, atomic_write_text, autocast, given_flags, resolve_device, resolve_dtype, run_cli,
@@ -156,7 +157,8 @@ def main(argv=None):
     single_process("evaluate.py")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="HF Llama model dir (e.g. runs/student/step_000100)")
+    p.add_argument("--model", required=True, help="HF Llama model dir (e.g. runs/student/step_000100) or Hugging Face "
+                                                 "id (owner/name[@revision])")
     p.add_argument("--task", default="ncbi_disease", help="ncbi_disease, bc5cdr, pubmedqa or jsonl")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split to score")
     p.add_argument("--data", default=None, help="--task jsonl: the JSONL file to score, or train,val,test files "
@@ -189,6 +191,7 @@ def main(argv=None):
         data_file = files[0] if len(files) == 1 else (files + [""] * 3)[{"val": 1, "test": 2}[args.split]]
         if not data_file:
             raise UserError(f"--split {args.split}: --data {args.data} has no {args.split} file")
+    hub.resolve_args(args, ("model",))
     device = resolve_device(args.device)
     metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, data_file, args.limit,
                            args.batch_size, args.max_new_tokens, device, resolve_dtype(args.dtype, device), args.out,

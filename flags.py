@@ -6,6 +6,7 @@ import argparse
 import torch
 
 import data
+import hub
 from model import MAX_SHARD_BYTES
 from runtime import UserError, resolve_device, resolve_dtype
 
@@ -92,6 +93,7 @@ def resolve_scoring_args(args) -> torch.device:
         raise UserError("--batch-size and --max-len must be positive, --train-size >= 0")
     device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device)
+    hub.resolve_args(args, ("student_sft", "student", "tokenizer"))  # the model dirs among these scripts' flags
     return device
 
 
@@ -114,6 +116,7 @@ def resolve_args(args, role_defaults: dict):
             raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     if not 0 <= args.warmup < 1:
         raise UserError(f"--warmup is a fraction of the run in [0, 1), got {args.warmup}")
+    hub.resolve_args(args, ("model", "init", "student_sft"))  # a Hugging Face id -> its snapshot dir
     return args
 
 

@@ -14,9 +14,9 @@ Which layers go is a measured choice (--prune):
                      (ShortGPT, Men et al. 2024): the layers that change their input least, not necessarily adjacent
 
 Healing is forward KL(p_teacher ‖ p_student) over the full vocabulary at every position of packed fixed-length
-sequences (texts joined by the end-of-turn token), computed by losses.py's divergence in fp32 log-space and
-sliced over tokens, with train.py's optimiser and lr schedule and checkpoints.py's checkpoints and resume. The teacher is the *base* model, not
-an SFT'd one: healing restores language, the task is learnt later by SFT and distillation.
+sequences (texts joined by the end-of-turn token), computed by losses.py's divergence in fp32 log-space and sliced
+over tokens, with train.py's optimiser and lr schedule and checkpoints.py's checkpoints and resume. The teacher is
+the *base* model, not an SFT'd one: healing restores language, the task is learnt later by SFT and distillation.
 
 The corpus is the text of the training splits only: NCBI-disease and BC5CDR training sentences and the contexts of
 PubMedQA's training questions. A training text that equals any validation or test text of any of the three tasks is
@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import hub
 import prepare
 import runtime
 from checkpoints import (MetricsLog, latest_resumable, list_checkpoints, load_resume_state, model_fingerprint,
@@ -323,7 +324,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--teacher", default="models/teacher", help="the base teacher (HF dir) to prune and to heal from")
+    a("--teacher", default="models/teacher",
+      help="the base teacher (HF dir or Hugging Face id) to prune and to heal from")
     a("--prune", choices=PRUNES, default="block_influence",
       help="which layers to drop (see the module docstring); block_influence measured best on SmolLM2-135M "
            "(docs/models.md)")
@@ -353,6 +355,7 @@ def main(argv=None):
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.tokens < 0 or args.lr <= 0 or not 0 <= args.warmup < 1:
         raise UserError("--tokens must be >= 0, --lr positive and --warmup in [0, 1)")
+    hub.resolve_args(args, ("teacher",))
     heal(args)
 
 

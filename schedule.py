@@ -230,11 +230,10 @@ def probe_logprobs(model, items: list[dict], pad_id: int, batch_size: int, devic
 class ProbeCache:
     """Log-probs (N, V) of each teacher checkpoint on the probe set: root/probe-<key>/step_XXXXXX.safetensors.
 
-    The key is a hash of everything the values depend on: the probe's examples (checkpoints.items_fingerprint:
-    ids, tokens and labels, which carry the task, chat template and --max-len), the tokenizer's files, the dtype,
-    the device kind, and each checkpoint's step and content fingerprint (checkpoints.model_fingerprint). Any change is another key, so it is computed afresh;
-    stale values are never read.
-    """
+    The key is a hash of everything the values depend on: the probe's examples (checkpoints.items_fingerprint: ids,
+    tokens and labels, which carry the task, chat template and --max-len), the tokenizer's files, the dtype, the
+    device kind, and each checkpoint's step and content fingerprint (checkpoints.model_fingerprint). Any change is
+    another key, so it is computed afresh; stale values are never read."""
 
     def __init__(self, root, items: list[dict], checkpoints: list[tuple[int, Path]], dtype: str = "fp32",
                  device="cpu", tokenizer_files=()):
@@ -307,7 +306,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
-    p.add_argument("--student", default="models/student", help="student model dir (HF layout) to score against")
+    p.add_argument("--student", default="models/student",
+                   help="student model dir (HF layout) or Hugging Face id to score against")
     p.add_argument("--probe-size", type=int, default=32, help="training examples in the probe set")
     p.add_argument("--probe-cache", default="runs/probe_cache", help="dir of the teacher probe log-prob cache")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe draw (distill.py uses its --seed)")
@@ -343,8 +343,8 @@ def main(argv=None):
                              index["final"]))
         return
     student = load_model(args.student, device=device)
-    scheduler = Scheduler("scd", index, 1, cache, lambda m: probe_logprobs(m, probe, tok.pad_id, args.batch_size, device,
-                                                                           args.dtype),
+    student_logp = lambda m: probe_logprobs(m, probe, tok.pad_id, args.batch_size, device, args.dtype)  # noqa: E731
+    scheduler = Scheduler("scd", index, 1, cache, student_logp,
                           balance=args.metric_balance, metric2_weight=args.metric2_weight)
     scheduler.choose(0, 0, student)
     record = scheduler.records[-1]

@@ -40,8 +40,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--role", choices=sorted(ROLE_DEFAULTS), default="teacher",
                    help="which model to fine-tune; sets the defaults of --model, --out, --lr, --epochs")
-    p.add_argument("--model", default=None, help="HF Llama model dir to start from (teacher: models/teacher, "
-                                                 "student: models/student)")
+    p.add_argument("--model", default=None,
+                   help="HF Llama model dir or Hugging Face id (owner/name[@revision]) to start from (teacher: "
+                        "models/teacher, student: models/student)")
     p.add_argument("--save-every", type=int, default=0,
                    help="optimiser steps between checkpoints of --spacing even; 0 = auto: --checkpoints evenly "
                         "spaced (10 for the teacher, its footsteps; only the final one for the student)")

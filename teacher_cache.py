@@ -18,8 +18,8 @@ One safetensors shard per checkpoint, OUT/step_XXXXXX.safetensors, holding for e
 
 All log-probs are at temperature 1; distill.py re-tempers them. OUT/manifest.json holds the form and the key the
 values depend on (cache_key): the training items' ids and tokens, max length, forward dtype and device kind, and
-each checkpoint's content (checkpoints.model_fingerprint). A run whose key differs is refused with the part that differs; a
-rebuild redoes only the checkpoints whose files changed.
+each checkpoint's content (checkpoints.model_fingerprint). A run whose key differs is refused with the part that
+differs; a rebuild redoes only the checkpoints whose files changed.
 """
 
 import argparse

@@ -282,7 +282,8 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
     p.add_argument("--student-sft", default="runs/student",
-                   help="the frozen SFT student: its SFT run dir (the final checkpoint) or a model dir")
+                   help="the frozen SFT student: its SFT run dir (the final checkpoint), a model dir or a "
+                        "Hugging Face id")
     p.add_argument("--steps", default="all",
                    help="teacher checkpoints to score: 'all', 'best,final', or comma-separated steps")
     p.add_argument("--out", default="runs/aw", help="output dir for losses.safetensors and sfs_tfs.json")
