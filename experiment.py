@@ -244,7 +244,7 @@ def flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="students per variant (seeds 0..N-1); one teacher")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="sizes of every stage")
     p.add_argument("--quick", action="store_true", help="tiny random models with the real tokenizer and data: "
-                                                        "the whole pipeline in about a minute (smoke test)")
+                                                        "the whole pipeline in small (smoke test)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated, from " + ",".join(DEFAULT_VARIANTS) + ", the rivals taid and gkd, and the "
                         "beyond-the-paper scd_aw_* (report.py); add _from_sft to a name to start that distillation "
@@ -293,7 +293,7 @@ def flag_parser() -> argparse.ArgumentParser:
                         "the final one; the SFT student's best is AW's reference and the from-SFT start")
     p.add_argument("--cache-precision", choices=sorted(teacher_cache.PRECISIONS), default="fp32",
                    help="on-disk dtype of the cached log-probs; fp32 distils as the teacher model would, to fp "
-                        "rounding (cpu preset on NCBI: 553 MiB per checkpoint; fp16 halves it)")
+                        "rounding; fp16 halves the disk it takes")
     return p
 
 
