@@ -168,11 +168,11 @@ class DistillRun:
                                               args.eval_batch_size, device, args.dtype)
 
     def load_student(self, resume_from):
-        """The student: --init, or the resume state's weights; sharded under torchrun."""
+        """The student: --init, or the resume state's weights; under torchrun each rank reads only its shards."""
         args = self.args
-        self.student = load_model(resume_from or args.init, device=self.device)
+        self.student = load_model(resume_from or args.init, device=self.device,
+                                  shard=lambda m: runtime.shard(m, self.device, args.dtype))
         self.student.set_activation_checkpointing(args.activation_checkpointing)
-        self.student = runtime.shard(self.student, self.device, args.dtype)
         self.resume_from = resume_from
         if resume_from is not None and self.k == 0:  # a stage boundary: weights and RNG; the optimiser is new
             load_resume_state(resume_from, self.student)

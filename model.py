@@ -10,6 +10,7 @@ loads back into transformers. Decoding with a KV cache is in generate.py; the ca
 import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -308,35 +309,28 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """Load a HF Llama checkpoint dir: build on the meta device, then fill each tensor from mmapped safetensors."""
+def read_checkpoint(path: Path, expected: dict, tied: bool, read) -> dict:
+    """{name: read(file, f, name)} for every tensor of a checkpoint dir, `f` being `file` opened by safe_open; each
+    is checked by name and shape against `expected` first, and none may be missing. Stored rotary buffers and a tied
+    lm_head are skipped."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: model directory not found")
-    args = ModelArgs.from_hf_config(read_json(path / "config.json"))
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if args.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    state, source = {}, {}
+    state = {}
     for file in checkpoint_files(path):
         if not file.is_file():
             raise UserError(f"{file}: shard listed in the index is missing")
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_word_embeddings):
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and tied):
                         continue  # derived buffers some exporters store; a tied head duplicates the embeddings
                     if name not in expected:
                         raise UserError(f"{file}: unexpected tensor {name!r} for this Llama config")
-                    t = f.get_tensor(name)
-                    if t.shape != expected[name]:
-                        raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
+                    shape = torch.Size(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise UserError(f"{file}: tensor {name!r} has shape {tuple(shape)}, "
                                         f"config.json implies {tuple(expected[name])}")
-                    state[name], source[name] = t.to(device=device, dtype=dtype), file
+                    state[name] = read(file, f, name)
         except SafetensorError as e:
             raise UserError(f"{file}: not a valid safetensors file ({e})") from None
         except OSError as e:
@@ -346,9 +340,64 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
         files = ", ".join(str(f) for f in checkpoint_files(path))
         raise UserError(f"{path}: tensor {missing[0]!r} missing from {files}" +
                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model.load_state_dict(state, strict=not args.tie_word_embeddings, assign=True)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    return state
+
+
+def shard_rows(p) -> tuple[int, int]:
+    """The rows [start, stop) of the full tensor that this rank's shard of the FSDP2 parameter `p` holds: dim 0 cut
+    into world-size chunks of ceil(rows / world) each (torch.chunk), so the last ranks' may be shorter or empty."""
+    from torch.distributed.tensor import Shard
+
+    assert tuple(p.placements) == (Shard(0),), p.placements
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    size = -(-n // world)
+    start = min(rank * size, n)
+    stop = min(start + size, n)
+    assert stop - start == p.to_local().shape[0], (p.shape, p.to_local().shape, start, stop)
+    return start, stop
+
+
+@torch.no_grad()
+def read_shard(params: dict, dtype: torch.dtype, file: Path, f, name: str) -> torch.Tensor:
+    """Copy this rank's rows of tensor `name` into its FSDP2 shard. The rows are read through a mapping of their own,
+    unmapped once they are copied: pages read through the file's shared mapping would stay in this process's
+    resident set until the whole file is done."""
+    from safetensors import safe_open
+
+    start, stop = shard_rows(params[name])
+    with safe_open(file, framework="pt", device="cpu") as own:
+        return params[name].to_local().copy_(own.get_slice(name)[start:stop].to(dtype))
+
+
+def load_model(path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
+    """Load a HF Llama checkpoint dir: build on the meta device, then fill each tensor from mmapped safetensors.
+
+    `shard` (runtime.shard, under torchrun) wraps the model in FSDP units while it is still on the meta device; each
+    rank then allocates and reads only its own rows of every tensor (safetensors' get_slice), so no rank ever holds
+    the whole model. In one process `shard` changes nothing and every tensor is read whole."""
+    from torch.distributed.tensor import DTensor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: model directory not found")
+    args = ModelArgs.from_hf_config(read_json(path / "config.json"))
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = args.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")
+    if shard is not None:
+        model = shard(model.to(dtype))
+    if isinstance(model.lm_head.weight, DTensor):
+        model.to_empty(device=device)  # this rank's shards, uninitialised; a tied head stays tied
+        read_checkpoint(path, expected, tied, partial(read_shard, dict(model.named_parameters()), dtype))
+    else:
+        state = read_checkpoint(path, expected, tied,
+                                lambda file, f, name: f.get_tensor(name).to(device=device, dtype=dtype))
+        model.load_state_dict(state, strict=not tied, assign=True)
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope(device)
     return model
 

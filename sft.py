@@ -106,7 +106,11 @@ def train(args) -> Path:
     if args.spacing == "val_loss" and not val_items:
         raise UserError(f"--spacing val_loss: task {args.task} has no validation examples to measure the drop on")
     plan = footsteps.Footsteps(args.spacing, total, args.checkpoints, args.save_every, args.eval_every)
-    model = load_model(args.model, device=device)
+
+    def load(path):  # under torchrun sharded on the meta device, so each rank reads only its own rows
+        return load_model(path, device=device, shard=lambda m: runtime.shard(m, device, args.dtype))
+
+    model = load(args.model)
     out = runtime.main_first(prepare_out_dir, args.out, config, args.resume, args.overwrite)
     if model.args.vocab_size < tok.vocab_size:
         raise UserError(f"--model {args.model}: vocab_size {model.args.vocab_size} is smaller than its "
@@ -119,9 +123,8 @@ def train(args) -> Path:
     if found is not None:
         step, path = found
         del model  # one copy at a time: the checkpoint's weights replace the starting ones
-        model = load_model(path, device=device)
+        model = load(path)
     model.set_activation_checkpointing(args.activation_checkpointing)
-    model = runtime.shard(model, device, args.dtype)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)  # after shard: it steps this rank's shards
     if found is not None:
         tokens_seen = load_resume_state(path, model, optimizer)["tokens_seen"]

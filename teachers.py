@@ -38,9 +38,10 @@ class ModelTeacher:
 class CheckpointTeachers:
     """Loads the checkpoint a stage asks for, dropping the previous one first, so one teacher is in memory at a time.
 
-    With sharding "shard" (torchrun) each rank keeps 1/N of it and gathers one layer at a time in its forward;
-    "replicate" keeps a whole copy on every rank. Under torchrun with --dtype bf16 the teacher is kept in bf16: it
-    only runs forward, and FSDP computes in bf16 anyway. One process keeps fp32 weights under autocast."""
+    With sharding "shard" (torchrun) each rank reads and keeps 1/N of it and gathers one layer at a time in its
+    forward; "replicate" reads and keeps a whole copy on every rank. Under torchrun with --dtype bf16 the teacher is
+    kept in bf16: it only runs forward, and FSDP computes in bf16 anyway. One process keeps fp32 weights under
+    autocast."""
 
     def __init__(self, checkpoints: dict, device, dtype: str, sharding: str = "shard"):
         self.checkpoints, self.device, self.dtype, self.sharding = checkpoints, device, dtype, sharding
@@ -51,8 +52,11 @@ class CheckpointTeachers:
             self.teacher = None
             gc.collect()  # FSDP's hooks hold the old teacher in a reference cycle: free it before the next loads
             weights = torch.bfloat16 if runtime.world() > 1 and self.dtype == "bf16" else torch.float32
-            model = load_model(self.checkpoints[step], device=self.device, dtype=weights).requires_grad_(False).eval()
-            if self.sharding == "shard":
-                model = runtime.shard(model, self.device, self.dtype, train=False)
-            self.step, self.teacher = step, ModelTeacher(model, self.device, self.dtype)
+            model = load_model(self.checkpoints[step], device=self.device, dtype=weights,
+                               shard=self.frozen_shard if self.sharding == "shard" else None)
+            self.step, self.teacher = step, ModelTeacher(model.requires_grad_(False).eval(), self.device, self.dtype)
         return self.teacher
+
+    def frozen_shard(self, model):
+        """The teacher's FSDP units, made on the meta device: under torchrun each rank then reads only its shards."""
+        return runtime.shard(model.requires_grad_(False).eval(), self.device, self.dtype, train=False)

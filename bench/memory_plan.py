@@ -4,6 +4,7 @@
     python bench/memory_plan.py --totals                          # the totals only, one table
     python bench/memory_plan.py --job distill --ranks 2,4 --batch 4
     python bench/memory_plan.py --student llama-3.2-1b --teacher llama-3.2-3b
+    python bench/memory_plan.py --job load                        # loading the teacher checkpoint, per rank
 
 The setup modelled (fully_shard on each decoder layer and on the root; N ranks, one GPU each):
   trained model   MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): sharded fp32 master params, sharded
@@ -14,6 +15,7 @@ The setup modelled (fully_shard on each decoder layer and on the root; N ranks, 
                   so this over-counts, by little: 0.24 GiB per copy at 512 answer tokens and vocab 128256).
   teacher         inference only: bf16 params sharded over N (2 B/param / N) plus its forward's working set (root
                   and two layers unsharded, reshard_after_forward=True), or a full bf16 copy per rank (2 B/param).
+Loading a checkpoint (--job load) is planned apart: it happens before training and at every stage's teacher switch.
 Everything is summed as if alive at once; the true peak (the start of the student's backward) is a little lower:
 the teacher's working set is gone by then. Sequences are counted at the full --seq (padding included). Not counted,
 left to the --headroom: the CUDA context and NCCL buffers (~1 GiB), allocator fragmentation, backward temporaries
@@ -24,6 +26,7 @@ import argparse
 from dataclasses import dataclass
 
 GiB = 1024 ** 3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,48 @@ def logits_bytes(vocab: int, answer_tokens: int, distill: bool) -> int:
     return (3 if distill else 2) * answer_tokens * vocab * 4
 
 
+# loading a checkpoint
+
+def largest_tensor(s: Shape) -> int:
+    """Parameters of the largest tensor: the embeddings (or the untied lm_head), else an MLP projection."""
+    return max(s.vocab_size * s.dim, s.dim * s.hidden_dim)
+
+
+def load_bytes(s: Shape, n: int, file_bytes: int, kept_bytes: int, own_rows: bool) -> dict:
+    """One rank's peak while loading a checkpoint of `file_bytes` per parameter into `kept_bytes` per parameter.
+
+    Whole read (one process; under torchrun each rank loads the whole checkpoint, then fully_shard keeps its rows):
+    the rank's device holds the whole model, plus under torchrun its shards as fully_shard copies them out; the host
+    maps every page of the files. Own rows (model.load_model with `shard`: the model is sharded on the meta device
+    and each rank reads only its rows, tensor by tensor): the device holds 1/N of the model plus one tensor's rows as
+    they are converted; the host maps only those rows, and unmaps them once copied."""
+    p = num_params(s)
+    if own_rows:
+        rows = largest_tensor(s) / n
+        return {"device": kept_bytes * p / n + kept_bytes * rows, "host": file_bytes * rows}
+    return {"device": kept_bytes * p * (1 + (1 / n if n > 1 else 0)), "host": file_bytes * p}
+
+
+def load_table(a) -> str:
+    """The teacher's load per rank, a whole read against own rows, for each N."""
+    t = MODELS[a.teacher]
+    f, k = DTYPE_BYTES[a.load_file], DTYPE_BYTES[a.load_kept]
+    one = load_bytes(t, 1, f, k, False)
+    lines = [f"loading {t.name} ({num_params(t) / 1e9:.2f}e9 params, largest tensor {largest_tensor(t) / 1e6:.0f}e6), "
+             f"a {a.load_file} checkpoint kept in {a.load_kept}: GiB per rank at the load's peak",
+             f"  one process reads it whole: device {one['device'] / GiB:.2f}, host {one['host'] / GiB:.2f}",
+             f"{'N':>2} | {'whole read: device':>18} {'host':>6} | {'own rows: device':>16} {'host':>6}"]
+    lines.append("-" * len(lines[-1]))
+    for n in [n for n in a.ranks if n > 1]:
+        whole, own = load_bytes(t, n, f, k, False), load_bytes(t, n, f, k, True)
+        lines.append(f"{n:>2} | {whole['device'] / GiB:18.2f} {whole['host'] / GiB:6.2f} | "
+                     f"{own['device'] / GiB:16.2f} {own['host'] / GiB:6.2f}")
+    lines.append("host: the checkpoint pages a rank maps. A node's ranks share one copy in the page cache, but each "
+                 f"rank's\nresident set counts what it maps: a whole read on {max(a.ranks)} ranks is {max(a.ranks)} x "
+                 f"{one['host'] / GiB:.2f} GiB of summed RSS, and {max(a.ranks)} reads of the same files.")
+    return "\n".join(lines)
+
+
 # the plan
 
 def plan_row(student: Shape, teacher: Shape | None, replicated: bool, n: int, ac: bool, a) -> dict:
@@ -215,9 +260,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--job", choices=["all", "teacher-sft", "student-sft", "distill", "distill-replicated"], default="all",
-      help="which plan to print: teacher SFT (teacher trained), student SFT, distillation with the teacher sharded "
-           "over the ranks or replicated on each")
+    a("--job", choices=["all", "teacher-sft", "student-sft", "distill", "distill-replicated", "load"],
+      default="all", help="which plan to print: teacher SFT (teacher trained), student SFT, distillation with the "
+                          "teacher sharded over the ranks or replicated on each, loading the teacher checkpoint")
     a("--teacher", choices=MODELS, default="llama-3.1-8b", help="teacher shape")
     a("--student", choices=MODELS, default="llama-3.2-3b", help="student shape")
     a("--ranks", type=ranks_arg, default=[1, 2, 4, 8], help="GPU counts (FSDP ranks) to plan for, comma-separated")
@@ -229,6 +274,10 @@ def main():
     a("--seq", type=int, default=512, help="tokens per sequence, padding included (the paper's max length)")
     a("--answer-tokens", type=int, default=64, help="answer (labelled) tokens per sequence, where logits are built")
     a("--totals", action="store_true", help="print only the totals, one compact table for all jobs")
+    a("--load-file", choices=sorted(DTYPE_BYTES), default="fp32",
+      help="--job load: the checkpoint's dtype on disk (sft.py writes its fp32 master weights)")
+    a("--load-kept", choices=sorted(DTYPE_BYTES), default="bf16",
+      help="--job load: the dtype the loaded weights are kept in (a torchrun --dtype bf16 teacher: bf16)")
     args = p.parse_args()
 
     for key, s in MODELS.items():
@@ -238,12 +287,14 @@ def main():
               f"{layer_act_bytes(s) / s.dim:4.1f}d = {layer_act_bytes(s)} B/token/layer of activations")
     print(f"\nGiB per GPU; batch {args.batch} x {args.seq} tokens per rank, {args.answer_tokens} answer tokens per "
           f"sequence; fits: total <= {args.gpu_gib * (1 - args.headroom):.0f} GiB of {args.gpu_gib:.0f}")
-    names = list(jobs(args)) if args.job == "all" else [args.job]
+    names = list(jobs(args)) if args.job == "all" else [args.job] if args.job != "load" else []
     if args.totals:
         print("\n" + totals(args, names))
     else:
         for name in names:
             print("\n" + table(args, name))
+    if args.job == "load" or (args.job == "all" and not args.totals):
+        print("\n" + load_table(args))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,32 @@
 """torchrun with 2 ranks on the CPU (gloo, FSDP2) against one process: the same losses, schedule and weights, a
-kill -9 that resumes to the same weights, and a sharded export that transformers loads. Each launch is a real
-`torchrun --nproc_per_node 2` of the script, as a user would type it."""
+kill -9 mid-stage that resumes to the same weights, a sharded export that transformers loads, and checkpoints read
+row by row into the shards of a whole load. Each launch is a real `torchrun --nproc_per_node 2` of the script, as a
+user would type it, or of this file's checks that run on the ranks (its __main__ block)."""
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import ROOT, make_teacher_runs, make_tiny_model
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 import checkpoints
 import distill
+import runtime
 import sft
 import weights
-from model import load_model
+from model import ModelArgs, Transformer, checkpoint_files, load_model, save_model
 
 # 21 examples at a global batch of 4: the last batch of each epoch has one example, so one rank's share is empty
 SFT_FLAGS = ["--role", "student", "--train-size", "21", "--val-size", "2", "--max-len", "64", "--epochs", "2",
@@ -225,3 +232,66 @@ def test_one_process_scripts_refuse_torchrun(script):
     r = subprocess.run([sys.executable, str(ROOT / script)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"{script} runs in one process" in r.stderr
+
+# -----------------------------------------------------------------------------
+# checks run on the ranks themselves: `torchrun tests/test_distributed.py CHECK ARGS` (see the __main__ block)
+
+
+def odd_model(path) -> Path:
+    """An untied random Llama whose vocabulary (101 rows) and MLP width (37) do not split evenly over 2 ranks,
+    saved as three model-0000k-of-00003 files with an index."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=24, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=8, hidden_dim=37, vocab_size=101,
+                     tie_word_embeddings=False)
+    save_model(Transformer(args), path, max_shard_bytes=20000)
+    assert len(checkpoint_files(Path(path))) == 3
+    return Path(path)
+
+
+def on_ranks_sharded_load(*model_dirs):
+    """For each model dir, fp32 and bf16: every rank's shards read row by row from the files (load_model with
+    `shard`) are those of a whole load followed by runtime.shard, bit for bit, and so are the rope buffers and the
+    logits; rank 0's gathered state dict is the files' tensors."""
+    device = torch.device("cpu")
+    for path in model_dirs:
+        for dtype in (torch.float32, torch.bfloat16):
+            whole = runtime.shard(load_model(path, dtype=dtype), device)
+            rows = load_model(path, dtype=dtype, shard=lambda m: runtime.shard(m, device))
+            a, b = dict(whole.named_parameters()), dict(rows.named_parameters())
+            assert a.keys() == b.keys()
+            for name, p in b.items():
+                assert isinstance(p, DTensor) and p.dtype == dtype and p.placements == a[name].placements, name
+                assert torch.equal(p.to_local(), a[name].to_local()), name
+            assert (rows.lm_head.weight is rows.model.embed_tokens.weight) == rows.args.tie_word_embeddings
+            for name, buf in whole.named_buffers():
+                assert torch.equal(buf, dict(rows.named_buffers())[name]), name
+            ids = torch.randint(0, rows.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                assert torch.equal(whole(ids), rows(ids))
+            state = runtime.full_state_dict(rows)
+            if runtime.is_main():
+                files = {}
+                for file in checkpoint_files(Path(path)):
+                    files.update(load_file(file))
+                if rows.args.tie_word_embeddings:
+                    files["lm_head.weight"] = files["model.embed_tokens.weight"]
+                assert state.keys() == files.keys()
+                for name, t in files.items():
+                    assert torch.equal(state[name], t.to(dtype)), name
+
+
+ON_RANKS = {"sharded_load": on_ranks_sharded_load}
+
+
+def test_sharded_load_gives_every_rank_the_shards_of_a_whole_load(tiny, tmp_path):
+    """Tied embeddings in one file, and an untied model in three files whose rows do not divide evenly; fp32 and a
+    bf16 copy of each (a torchrun --dtype bf16 teacher)."""
+    torchrun("tests/test_distributed.py", "sharded_load", tiny, odd_model(tmp_path / "odd"))
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a rank left waiting fails in a minute
+    ON_RANKS[sys.argv[1]](*sys.argv[2:])
+    gc.collect()  # the FSDP models' reference cycles hold the group: freed now, not at exit, where gloo can abort
+    dist.barrier()
+    dist.destroy_process_group()
