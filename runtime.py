@@ -12,6 +12,11 @@ Data parallelism (the paper's 8B teacher needs more than one 80 GB card to fine-
 gloo (the tests run it that way). Without torchrun there is no process group and nothing here changes the code path:
 `world() == 1`, `shard()` returns the model untouched, the reductions return their input.
 
+A checkpoint is sharded as it is loaded: model.load_model builds the model on the meta device, `shard()` wraps it
+there, and each rank reads only its own rows of every tensor. Validation losses are split over the ranks
+(train.eval_loss); the evaluations that decode run whole on every rank, because a sharded model's decoding runs as
+many forwards as its longest answer needs, and every forward is a collective.
+
 The loss of a step stays (sum over the global batch) / (global answer-token count): each rank sums over its part,
 divides by the all-reduced count, and the gradients are summed across ranks (not FSDP's default mean), so N ranks of
 batch b give the gradients of one process of batch N*b.

@@ -105,12 +105,24 @@ def answer_batches(model, items: list[dict], pad_id: int, batch_size: int, devic
 
 
 def eval_loss(model, items, pad_id, batch_size, device, dtype) -> float:
-    """Token-mean answer CE over a list of encoded items."""
-    total, count = 0.0, 0
-    for _, logits, labels, _ in answer_batches(model, items, pad_id, batch_size, device, dtype):
+    """Token-mean answer CE over a list of encoded items.
+
+    Under torchrun rank r scores items r, r + N, ... and the sums and counts are all-reduced: the value of one
+    process, summed in another order. Every rank runs as many forwards as rank 0, whose share is the largest (under
+    FSDP each forward is a collective); a rank with fewer items runs the rest on an item whose labels are all masked,
+    which adds nothing."""
+    share = items[runtime.rank()::runtime.world()]
+    n_passes = math.ceil(len(items) / (runtime.world() * batch_size))
+    idle = [{**items[0], "labels": [data.IGNORE] * len(items[0]["labels"])}] if items else []
+    total, count, passes = 0.0, 0, 0
+    for _, logits, labels, _ in answer_batches(model, share, pad_id, batch_size, device, dtype):
         total += float(F.cross_entropy(logits, labels, reduction="sum"))
         count += len(labels)
-    return total / max(count, 1)
+        passes += 1
+    for _ in range(n_passes - passes):
+        for _ in answer_batches(model, idle, pad_id, batch_size, device, dtype):
+            pass
+    return runtime.sum_float(total) / max(runtime.sum_int(count), 1)
 
 # -----------------------------------------------------------------------------
 # optimiser and schedule (paper: AdamW(0.9, 0.95), clip 1.0, cosine with 10 % warmup)

@@ -1,10 +1,12 @@
 """torchrun with 2 ranks on the CPU (gloo, FSDP2) against one process: the same losses, schedule and weights, a
-kill -9 mid-stage that resumes to the same weights, a sharded export that transformers loads, and checkpoints read
-row by row into the shards of a whole load. Each launch is a real `torchrun --nproc_per_node 2` of the script, as a
-user would type it, or of this file's checks that run on the ranks (its __main__ block)."""
+kill -9 mid-stage that resumes to the same weights, a sharded export that transformers loads, checkpoints read row by
+row into the shards of a whole load, and the validation loss split over the ranks. Each launch is a real
+`torchrun --nproc_per_node 2` of the script, as a user would type it, or of this file's checks that run on the ranks
+(its __main__ block)."""
 
 import gc
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ import runtime
 import sft
 import weights
 from model import ModelArgs, Transformer, checkpoint_files, load_model, save_model
+from train import eval_loss
 
 # 21 examples at a global batch of 4: the last batch of each epoch has one example, so one rank's share is empty
 SFT_FLAGS = ["--role", "student", "--train-size", "21", "--val-size", "2", "--max-len", "64", "--epochs", "2",
@@ -280,13 +283,55 @@ def on_ranks_sharded_load(*model_dirs):
                     assert torch.equal(state[name], t.to(dtype)), name
 
 
-ON_RANKS = {"sharded_load": on_ranks_sharded_load}
+EVAL_CASES = ((5, 2), (1, 4), (8, 2))  # (items, batch size): 2 ranks score 3 + 2, 1 + 0 and 4 + 4 of them
+
+
+def eval_items(n: int) -> list[dict]:
+    """n encoded examples of 6 to 20 tokens whose last 1 to 5 tokens are the answer, the same in every process."""
+    g = torch.Generator().manual_seed(n)
+    items = []
+    for i in range(n):
+        length, answer = int(torch.randint(6, 21, (), generator=g)), int(torch.randint(1, 6, (), generator=g))
+        ids = torch.randint(0, 1000, (length,), generator=g).tolist()
+        items.append({"id": str(i), "input_ids": ids, "labels": [-100] * (length - answer) + ids[-answer:]})
+    return items
+
+
+def on_ranks_eval_loss(model_dir, out):
+    """train.eval_loss of the sharded model for each of EVAL_CASES, and how many forwards this rank ran, to
+    out/rank<r>.json."""
+    device = torch.device("cpu")
+    model = load_model(model_dir, shard=lambda m: runtime.shard(m, device))
+    forwards = [0]
+    model.model.layers[0].register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    rows = []
+    for n, batch_size in EVAL_CASES:
+        forwards[0] = 0
+        loss = eval_loss(model, eval_items(n), 0, batch_size, device, "fp32")
+        rows.append({"items": n, "batch_size": batch_size, "loss": loss, "forwards": forwards[0]})
+    Path(out, f"rank{runtime.rank()}.json").write_text(json.dumps(rows))
+
+
+ON_RANKS = {"sharded_load": on_ranks_sharded_load, "eval_loss": on_ranks_eval_loss}
 
 
 def test_sharded_load_gives_every_rank_the_shards_of_a_whole_load(tiny, tmp_path):
     """Tied embeddings in one file, and an untied model in three files whose rows do not divide evenly; fp32 and a
     bf16 copy of each (a torchrun --dtype bf16 teacher)."""
     torchrun("tests/test_distributed.py", "sharded_load", tiny, odd_model(tmp_path / "odd"))
+
+
+def test_eval_loss_on_two_ranks_is_the_one_process_value(tiny, tmp_path):
+    """Each rank scores its share and the sums are all-reduced: the one-process value up to float rounding
+    (rel 1e-6: each rank's batches hold other examples, so other matmul shapes and another order of the fp32 sums).
+    Every rank runs as many forwards as rank 0, also one with no example of its own."""
+    torchrun("tests/test_distributed.py", "eval_loss", tiny, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    model = load_model(tiny)
+    for (n, batch_size), r0, r1 in zip(EVAL_CASES, *ranks):
+        one = eval_loss(model, eval_items(n), 0, batch_size, torch.device("cpu"), "fp32")
+        assert r0["loss"] == r1["loss"] == pytest.approx(one, rel=1e-6)
+        assert r0["forwards"] == r1["forwards"] == math.ceil(n / (2 * batch_size))
 
 
 if __name__ == "__main__":
