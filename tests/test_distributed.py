@@ -1,8 +1,8 @@
 """torchrun with 2 ranks on the CPU (gloo, FSDP2) against one process: the same losses, schedule and weights, a
-kill -9 mid-stage that resumes to the same weights, a sharded export that transformers loads, checkpoints read row by
-row into the shards of a whole load, and the validation loss split over the ranks. Each launch is a real
-`torchrun --nproc_per_node 2` of the script, as a user would type it, or of this file's checks that run on the ranks
-(its __main__ block)."""
+kill -9 mid-stage or at a stage boundary that resumes to the same weights, a sharded export that transformers loads,
+checkpoints read row by row into the shards of a whole load, and the validation loss split over the ranks. Each
+launch is a real `torchrun --nproc_per_node 2` of the script, as a user would type it, or of this file's checks that
+run on the ranks (its __main__ block)."""
 
 import gc
 import json
@@ -208,6 +208,31 @@ def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teach
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "final").exists()
+    torchrun("distill.py", *flags, "--resume")
+    assert_same_weights(distill_runs / "shard" / "final" / "model.safetensors", out / "final" / "model.safetensors",
+                        exact=True)
+
+
+def test_distill_kill_9_of_two_ranks_at_a_stage_boundary_resumes_to_the_same_student(teacher_runs, distill_runs,
+                                                                                      tmp_path):
+    """Without --save-every the stage ends hold the only resume states: killed right after the first (stage 0's
+    export, then the state with the next stage not yet chosen), resumed on 2 ranks from the DCP shards with a new
+    optimiser: the final student of the straight 2-rank run, bit for bit."""
+    out = tmp_path / "killed"
+    flags = distill_flags(teacher_runs, out, "--batch-size", 2)
+    proc = torchrun("distill.py", *flags, wait=False)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 300:
+        if checkpoints.latest_resumable(out / "resume") is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    _, state = checkpoints.latest_resumable(out / "resume")
+    progress = json.loads((state / checkpoints.STATE_FILES[1]).read_text())
+    assert progress["k"] == 0 and progress["chosen"] is None and (state / "dcp" / ".metadata").exists()
+    assert (out / "stage_00").exists() and not (out / "final").exists()
     torchrun("distill.py", *flags, "--resume")
     assert_same_weights(distill_runs / "shard" / "final" / "model.safetensors", out / "final" / "model.safetensors",
                         exact=True)
