@@ -21,6 +21,8 @@ Every script reads its data through here. The built-in tasks come from ../shared
                   "labels": ["yes", "no"]} ("labels" only for choices), or by --metric, or read from the lines: a
                   file whose lines carry "choices" is choices, "entities" entities, otherwise exact. A field the
                   metric would not use ("choices" in an exact file) is an error, so nothing is silently ignored.
+                  The training file's first line holds for its val and test files too; one of them that has its
+                  own must declare the same metric and labels (or no labels, taking the training file's).
 
 Every example carries a stable id (pubmedqa/<PMID>, ncbi_disease/train/<sentence index>, <file name>:<line>):
 per-sample losses, the AW weights and the SFS/TFS analysis of SCD (arXiv 2601.10114, Sec. 3) key on it.
@@ -372,11 +374,10 @@ def entity_gold(record: dict, where: str) -> list[tuple[str, str]]:
     return [(m, JSONL_TYPE) for m in mentions]
 
 
-def read_jsonl(path: Path, metric: str | None = None) -> list[Example]:
-    """Examples of one JSONL file, scored by `metric` (--metric; None: the file's header, else its fields)."""
+def jsonl_records(path: Path):
+    """(line number, object) of each non-blank line of a JSONL file, parsed as they are reached."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    records = []
     for n, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
@@ -387,11 +388,52 @@ def read_jsonl(path: Path, metric: str | None = None) -> list[Example]:
             raise UserError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        records.append((n, record))
-    labels = None
+        yield n, record
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a JSONL file's first line declares for the file, and where it says it."""
+    where: str
+    metric: str
+    labels: tuple[str, ...] | None
+
+
+def file_header(path: Path, metric: str | None) -> Header | None:
+    """The header line of a JSONL file (None if its first line is an example); --metric (`metric`) must agree."""
+    n, record = next(jsonl_records(path), (None, None))
+    if record is None or not is_header(record):
+        return None
+    return Header(f"{path}:{n}", *jsonl_header(record, f"{path}:{n}", metric))
+
+
+def split_header(own: Header | None, train: Header | None) -> Header | None:
+    """The header a val or test file is read under: its own, taking the training file's labels where it declares
+    none, or the training file's where it has no header. Declaring another metric or label set than the training
+    file is an error naming both."""
+    if own is None or train is None:
+        return own or train
+    if own.metric != train.metric:
+        raise UserError(f"{own.where}: metric {own.metric} differs from the training file's ({train.where}: "
+                        f"{train.metric}); declare the same, or drop this header line to take the training file's")
+    if own.labels is not None and train.labels is not None and set(own.labels) != set(train.labels):
+        raise UserError(f"{own.where}: labels {list(own.labels)} differ from the training file's ({train.where}: "
+                        f"{list(train.labels)}); declare the same, or drop them here to take the training file's")
+    return Header(own.where, own.metric, own.labels or train.labels)
+
+
+def read_jsonl(path: Path, metric: str | None = None, train: Header | None = None) -> list[Example]:
+    """Examples of one JSONL file, scored by `metric` (--metric; None: the file's header, else its fields). `train`
+    is the training file's header, for a val or test file (split_header)."""
+    records = list(jsonl_records(path))
+    own = None
     if records and is_header(records[0][1]):
         n, header = records.pop(0)
-        metric, labels = jsonl_header(header, f"{path}:{n}", metric)
+        own = Header(f"{path}:{n}", *jsonl_header(header, f"{path}:{n}", metric))
+    header = split_header(own, train)
+    labels = None
+    if header is not None:
+        metric, labels = header.metric, header.labels
     for n, record in records:
         if "metric" in record:
             raise UserError(f"{path}:{n}: 'metric' goes on the first line, alone: {{\"metric\": ...}}")
@@ -453,13 +495,34 @@ def warn_once(message: str):
         print(message, file=sys.stderr)
 
 
+@dataclass(frozen=True)
+class SplitFile:
+    """The JSONL file of a val or test split, with the training file whose header line (metric, labels) applies to
+    it unless it declares its own (split_header)."""
+    path: str
+    train: str
+
+
+def split_file(files: str, split: str) -> str | SplitFile | None:
+    """The file --data (train[,val[,test]]) names for `split`, None if it names none; a val or test file comes with
+    the training file beside it."""
+    files = files.split(",")
+    k = SPLITS.index(split)
+    if k >= len(files) or not files[k]:
+        return None
+    return SplitFile(files[k], files[0]) if k else files[0]
+
+
 def load_jsonl(split: str, data_dir: Path, data_file=None, metric: str | None = None) -> list[Example]:
     if data_file is None:
         raise UserError("--data-file: task jsonl needs a JSONL file of {\"prompt\", \"response\"} or {\"messages\"}")
+    train = None
+    if isinstance(data_file, SplitFile):
+        train, data_file = file_header(Path(data_file.train), metric), data_file.path
     paths = [data_file] if isinstance(data_file, (str, Path)) else list(data_file)
     examples, seen = [], {}
     for path in map(Path, paths):
-        for ex in read_jsonl(path, metric):
+        for ex in read_jsonl(path, metric, train):
             if ex.id in seen:
                 raise UserError(f"{path}: duplicate id {ex.id!r} (also in {seen[ex.id]})")
             if examples and ex.metric != examples[0].metric:
@@ -526,8 +589,9 @@ def load_examples(task: str, split: str, data_dir=None, data_file=None, limit=No
                   metric: str | None = None) -> list[Example]:
     """Examples of one split, in file order. `limit` keeps a random subset (drawn with `seed`, file order kept).
 
-    For task jsonl, `data_file` is the file (or list of files) of this split and `metric` is --metric (None: the
-    file says); `data_dir` is ignored.
+    For task jsonl, `data_file` is the file (or list of files) of this split, or a SplitFile (split_file) that
+    brings the training file's header along, and `metric` is --metric (None: the file says); `data_dir` is
+    ignored.
     """
     spec = get_task(task)
     if split not in spec.splits:

@@ -23,16 +23,15 @@ from runtime import UserError, autocast
 
 
 def load_split(tok, args, split: str, limit: int = 0):
-    """Examples and their encodings for one split; reports how many were truncated to --max-len."""
-    files = (args.data or "").split(",") if args.data else []
+    """Examples and their encodings for one split; reports how many were truncated to --max-len. A jsonl split that
+    --data names no file for is empty."""
     data_file = None
     if args.task == "jsonl":
-        order = {"train": 0, "val": 1, "test": 2}[split]
-        if not files:
+        if not args.data:
             raise UserError("--task jsonl needs --data FILE (train[,val[,test]])")
-        if order >= len(files):
+        data_file = data.split_file(args.data, split)
+        if data_file is None:
             return [], []
-        data_file = files[order]
     examples = data.load_examples(args.task, split, data_dir=args.data_dir, data_file=data_file,
                                   limit=limit or None, seed=0,  # the same subset for teacher, student, every seed
                                   metric=getattr(args, "metric", None))

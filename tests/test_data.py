@@ -606,3 +606,39 @@ def test_example_files_are_what_the_script_makes(capsys):
             if kind == "yesno":
                 assert {ex.gold for ex in examples} == {"yes", "no"}
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_training_files_label_set_reaches_its_val_and_test_files(tmp_path):
+    """examples/yesno declares its labels on every file's first line; with the line on the training file only, the
+    val file is scored by those labels when it comes as the training file's split (split_file), as exact match when
+    read alone."""
+    train = ROOT / "examples" / "yesno.train.jsonl"
+    val = tmp_path / "yesno.val.jsonl"
+    val.write_text("".join((ROOT / "examples" / "yesno.val.jsonl").read_text().splitlines(keepends=True)[1:]))
+    examples = data.load_examples("jsonl", "val", data_file=data.split_file(f"{train},{val}", "val"))
+    assert len(examples) == 12 and {(ex.metric, ex.choices) for ex in examples} == {("choices", ("yes", "no"))}
+    assert {ex.metric for ex in data.load_examples("jsonl", "val", data_file=val)} == {"exact"}
+    assert data.split_file(f"{train},{val}", "train") == str(train)
+    assert data.split_file(f"{train},{val}", "test") is None and data.split_file(f"{train},,{val}", "val") is None
+
+
+def test_a_val_file_header_agrees_with_the_training_files(tmp_path):
+    """Its own labels in another order are kept, a header without labels takes the training file's, and another
+    label set or metric is one error line naming both files."""
+    train = jsonl_file(tmp_path / "train.jsonl", {"metric": "choices", "labels": ["yes", "no"]},
+                       {"prompt": "a?", "response": "yes"})
+    line = {"prompt": "b?", "response": "no"}
+    cases = {"reordered": ({"metric": "choices", "labels": ["no", "yes"]}, ("no", "yes")),
+             "no labels": ({"metric": "choices"}, ("yes", "no")),
+             "other labels": ({"metric": "choices", "labels": ["yes", "no", "maybe"]}, "labels"),
+             "other metric": ({"metric": "exact"}, "metric")}
+    for name, (header, expected) in cases.items():
+        val = jsonl_file(tmp_path / f"{name}.jsonl", header, line)
+        split = data.split_file(f"{train},{val}", "val")
+        if isinstance(expected, tuple):
+            assert data.load_examples("jsonl", "val", data_file=split)[0].choices == expected
+            continue
+        with pytest.raises(UserError) as e:
+            data.load_examples("jsonl", "val", data_file=split)
+        message = str(e.value)
+        assert message.startswith(f"{val}:1: {expected} ") and f"{train}:1" in message and "\n" not in message
