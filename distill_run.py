@@ -9,6 +9,7 @@ and, at the stage ends, the validation, --sides, the stage export and the resume
 """
 
 import math
+import sys
 from pathlib import Path
 
 import data
@@ -75,6 +76,7 @@ class DistillRun:
         self.tok = data.load_tokenizer(args.init)
         train_examples, self.train_items = load_split(self.tok, args, "train", args.train_size)
         self.val_examples, self.val_items = load_split(self.tok, args, "val", args.val_size)
+        self.eval_file, self.final_eval = final_evaluation(args)
         if not self.train_items:
             raise UserError(f"task {args.task}: the training split is empty")
         if args.val_metric and not self.val_examples:
@@ -100,7 +102,8 @@ class DistillRun:
                   "init": model_fingerprint(args.init),
                   "teacher": {str(s): model_fingerprint(p) for s, p in self.checkpoints.items()},
                   "student_sft": model_fingerprint(self.student_sft) if self.student_sft else None}
-        self.config = {**vars(args), "device": str(self.device), "world": runtime.world(), "inputs": inputs}
+        self.config = {**vars(args), "device": str(self.device), "world": runtime.world(), "inputs": inputs,
+                       "final_eval": self.final_eval}
         # --save-every places resume states only: the run is bit-identical without them
         self.out = runtime.main_first(prepare_out_dir, args.out, self.config, args.resume, args.overwrite,
                                       RESUME_FREE + ("save_every",))
@@ -261,11 +264,10 @@ class DistillRun:
         self.progress.close()
         final = export(self.out, "final", self.n_steps, self.student, self.tok,
                        {"step": self.n_steps, "variant": args.variant, "config": self.config}, args.max_shard_gb)
-        files = (args.data or "").split(",") + [None] * 3
-        data_file = files[{"val": 1, "test": 2}.get(args.eval_split, 0)] if args.task == "jsonl" else None
-        if args.eval_split != "none" and (args.task != "jsonl" or data_file) and runtime.is_main():
+        if self.final_eval["split"] is not None and runtime.is_main():
             for name in ("final", "best") if args.val_metric else ("final",):
-                metrics = evaluate.evaluate_dir(self.out / name, args.task, args.eval_split, args.data_dir, data_file,
+                metrics = evaluate.evaluate_dir(self.out / name, args.task, args.eval_split, args.data_dir,
+                                                self.eval_file,
                                                 args.eval_size, args.eval_batch_size, args.max_new_tokens or None,
                                                 self.device, args.dtype, progress=False, metric=args.metric,
                                                 stop_repeats=args.stop_repeats)
@@ -277,6 +279,23 @@ class DistillRun:
         runtime.print0(f"done: {self.out}/stage_00..stage_{args.stages - 1:02d}, {final}; schedule in "
                        f"{self.out / 'schedule.jsonl'}")
         return final
+
+
+def final_evaluation(args) -> tuple[object, dict]:
+    """The file the final evaluation scores (--task jsonl; None for a built-in task) and what config.json records of
+    it: {"split"} (and "file"), or {"split": None, "why"} when there is none. A JSONL run whose --data names no file
+    for --eval-split says so here, at the start."""
+    if args.eval_split == "none":
+        return None, {"split": None, "why": "--eval-split none"}
+    if args.task != "jsonl":
+        return None, {"split": args.eval_split}
+    file = data.split_file(args.data, args.eval_split)
+    if file is None:
+        why = f"--data {args.data} names no {args.eval_split} file (train,val,test)"
+        if runtime.is_main():
+            print(f"warning: no final evaluation on --eval-split {args.eval_split}: {why}", file=sys.stderr)
+        return None, {"split": None, "why": why}
+    return file, {"split": args.eval_split, "file": file.path}
 
 
 def candidate_checkpoints(args, index: dict, checkpoints: dict) -> tuple[dict, dict]:

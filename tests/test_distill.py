@@ -686,3 +686,29 @@ def test_on_policy_samples_come_from_the_students_own_distribution(tokenizer_dir
     for prob, token in zip(top.values.tolist(), top.indices.tolist()):
         freq = draws.count(token) / n
         assert abs(freq - prob) < 4 * math.sqrt(prob * (1 - prob) / n) + 1e-3, (token, freq, prob)
+
+
+def test_a_jsonl_run_says_when_it_has_no_final_evaluation(runs, tmp_path, capsys):
+    """--data train,val with --eval-split test: one warning line at the start and config.json's final_eval say
+    there is none. With a test file that has no header of its own, the final evaluation scores it by the training
+    file's label set (choices, no generation)."""
+    yesno = [ROOT / "examples" / f"yesno.{split}.jsonl" for split in ("train", "val", "test")]
+    test = tmp_path / "yesno.test.jsonl"
+    test.write_text("".join(yesno[2].read_text().splitlines(keepends=True)[1:]))
+    flags = ("--schedule", "td", "--no-aw", "--task", "jsonl", "--eval-split", "test")
+    data_flag = f"{yesno[0]},{yesno[1]}"
+    distill.main(argv(runs, tmp_path / "none", *flags, "--data", data_flag))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: no final")]
+    assert warnings == [f"warning: no final evaluation on --eval-split test: --data {data_flag} names no test file "
+                        "(train,val,test)"]
+    config = json.loads((tmp_path / "none" / "config.json").read_text())
+    assert config["final_eval"] == {"split": None, "why": warnings[0].split(": ", 2)[2]}
+    assert not list((tmp_path / "none" / "final").glob("eval_*"))
+    assert not [r for r in read_jsonl(tmp_path / "none" / "metrics.jsonl") if r.get("final_eval")]
+
+    distill.main(argv(runs, tmp_path / "test", *flags, "--data", f"{data_flag},{test}"))
+    assert "warning: no final" not in capsys.readouterr().err
+    config = json.loads((tmp_path / "test" / "config.json").read_text())
+    assert config["final_eval"] == {"split": "test", "file": str(test)}
+    metrics = json.loads((tmp_path / "test" / "final" / "eval_jsonl_test.json").read_text())
+    assert metrics["n"] == 2 and "accuracy" in metrics
