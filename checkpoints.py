@@ -409,8 +409,11 @@ def best_by_metric(run_dir) -> Path | None:
 
 
 def sft_model(path) -> Path:
-    """--student-sft: a model dir (it has config.json) as it is, or an SFT run dir's final checkpoint."""
-    return Path(path) if (Path(path) / "config.json").is_file() else final_checkpoint(path)
+    """--student-sft: a model dir (it has weights) as it is, or an SFT run dir's final checkpoint. Not config.json:
+    a run dir has one too, the run's resolved flags."""
+    path = Path(path)
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return path if weights else final_checkpoint(path)
 
 
 def final_checkpoint(run_dir) -> Path:
