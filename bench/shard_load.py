@@ -44,7 +44,7 @@ def rss_mib() -> float:
 
 
 def load(way: str, path: str, dtype: torch.dtype):
-    """The teacher of one stage as CheckpointTeachers loads it under torchrun: frozen, FSDP2 units, this rank's shards."""
+    """A stage's teacher as CheckpointTeachers loads it under torchrun: frozen, FSDP2 units, this rank's shards."""
     device = torch.device("cpu")
 
     def shard(model):
