@@ -184,8 +184,9 @@ def parse_args(argv=None):
     """The flags, resolved and checked: a flag this run would ignore, or a value out of range, is one error line."""
     p = flag_parser()
     args = p.parse_args(argv)
-    runtime.refuse_unused(runtime.given_flags(p, argv), distill_unused(args))
-    resolve_args(args, DEFAULTS)
+    given = runtime.given_flags(p, argv)
+    runtime.refuse_unused(given, distill_unused(args))
+    resolve_args(args, DEFAULTS, given)
     args.variant = args.variant or args.schedule + ("_aw" if args.aw else "") + (
         "" if args.loss == "fkl" else f"_{args.loss}")
     args.out = args.out or f"runs/distill/{args.variant}"

@@ -188,10 +188,11 @@ def main(argv=None):
         if len(files) == 1 and "split" in given_flags(p, argv):
             raise UserError(f"--split {args.split}: --data {args.data} is one file, scored whatever the split; drop "
                             "--split, or pass train,val,test files for it to pick from")
-        data_file = files[0] if len(files) == 1 else (files + [""] * 3)[{"val": 1, "test": 2}[args.split]]
+        # one file is scored as it is; of train,val,test files, --split's comes with the training file's header
+        data_file = files[0] if len(files) == 1 else data.split_file(args.data, args.split)
         if not data_file:
             raise UserError(f"--split {args.split}: --data {args.data} has no {args.split} file")
-    hub.resolve_args(args, ("model",))
+    hub.resolve_args(args, ("model",), {"model"})
     device = resolve_device(args.device)
     metrics = evaluate_dir(args.model, args.task, args.split, args.data_dir, data_file, args.limit,
                            args.batch_size, args.max_new_tokens, device, resolve_dtype(args.dtype, device), args.out,

@@ -173,7 +173,8 @@ def prune_run(out: Path, keep_stages: bool):
 def test_eval(model_dir: Path, out: Path, args, test_size: int, device) -> dict:
     """Test metrics of a model dir, written to `out` (JSON)."""
     max_new = QUICK_MAX_NEW if args.quick and args.kind != "choices" else None
-    return evaluate.evaluate_dir(model_dir, args.task, "test", args.data_dir, args.test_file, test_size,
+    test_file = data.split_file(args.data, "test") if args.data else None  # with the training file's header
+    return evaluate.evaluate_dir(model_dir, args.task, "test", args.data_dir, test_file, test_size,
                                  args.eval_batch_size, max_new, device, args.dtype, out=out, progress=True,
                                  metric=args.metric, stop_repeats=args.decode == "stopped")
 
@@ -327,7 +328,7 @@ def parse_flags(argv) -> argparse.Namespace:
         if len(files) != 3 or not all(files):
             raise UserError(f"--data {args.data}: the experiment needs three files, train,val,test")
         args.test_file = files[2]
-        examples = data.load_examples("jsonl", "test", data_file=args.test_file, metric=args.metric)
+        examples = data.load_examples("jsonl", "test", data_file=data.split_file(args.data, "test"), metric=args.metric)
     args.kind = data.answer_kind(args.task, examples)
     if args.kind == "choices" and args.decode == "stopped":
         raise UserError(f"--decode stopped: {args.task}'s answers are options scored, not generated; nothing to stop")
@@ -559,11 +560,12 @@ def student_sft(ex: Experiment, seed: int) -> Student:
 
 
 def aw_table(ex: Experiment, student: Student):
-    """weights.py on one seed: every training example's loss under the teacher and the SFT student, AW's table, and
-    the SFS/TFS split."""
+    """weights.py on one seed: every training example's loss under the SFT student (AW's L_stuSFT) and under the
+    best and the final teacher (the SFS/TFS split); the other checkpoints' columns would go unread."""
     if not (student.aw_dir / "sfs_tfs.json").exists():
         ex.timer.run(f"weights s{student.seed}", weights.main, [
             "--teacher", str(ex.teacher_run), "--student-sft", str(student.model), "--out", str(student.aw_dir),
+            "--steps", "best,final",
             *ex.task_flags, "--preset", "cpu" if ex.args.quick else ex.args.preset,
             "--train-size", str(ex.sizes["train_size"]), "--max-len", str(ex.sizes["max_len"]),
             "--dtype", ex.args.dtype, "--device", str(ex.device)])

@@ -84,7 +84,7 @@ def add_scoring_args(p: argparse.ArgumentParser):
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
-def resolve_scoring_args(args) -> torch.device:
+def resolve_scoring_args(args, given: set[str]) -> torch.device:
     data.check_task_flags(args.task, args.data, args.data_dir, args.metric)
     for key in ("train_size", "max_len"):
         if getattr(args, key) is None:
@@ -93,11 +93,11 @@ def resolve_scoring_args(args) -> torch.device:
         raise UserError("--batch-size and --max-len must be positive, --train-size >= 0")
     device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device)
-    hub.resolve_args(args, ("student_sft", "student", "tokenizer"))  # the model dirs among these scripts' flags
+    hub.resolve_args(args, ("student_sft", "student", "tokenizer"), given)  # the model dirs among their flags
     return device
 
 
-def resolve_args(args, role_defaults: dict):
+def resolve_args(args, role_defaults: dict, given: set[str]):
     """Fill None flags from the preset, then the role. Also validates numbers a user can get wrong, and refuses
     data flags the task would ignore."""
     data.check_task_flags(args.task, args.data, args.data_dir, args.metric)
@@ -116,7 +116,7 @@ def resolve_args(args, role_defaults: dict):
             raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     if not 0 <= args.warmup < 1:
         raise UserError(f"--warmup is a fraction of the run in [0, 1), got {args.warmup}")
-    hub.resolve_args(args, ("model", "init", "student_sft"))  # a Hugging Face id -> its snapshot dir
+    hub.resolve_args(args, ("model", "init", "student_sft"), given)  # a Hugging Face id -> its snapshot dir
     return args
 
 

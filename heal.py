@@ -355,7 +355,7 @@ def main(argv=None):
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.tokens < 0 or args.lr <= 0 or not 0 <= args.warmup < 1:
         raise UserError("--tokens must be >= 0, --lr positive and --warmup in [0, 1)")
-    hub.resolve_args(args, ("teacher",))
+    hub.resolve_args(args, ("teacher",), runtime.given_flags(p, argv))
     heal(args)
 
 

@@ -56,13 +56,16 @@ def resolve(value: str, flag: str) -> tuple[str, dict | None]:
     return path, {"id": repo, "revision": Path(path).name, "path": path}
 
 
-def resolve_args(args, flags: tuple[str, ...]):
-    """Resolve each of `flags` (argparse dests) that names a hub id, in place; args.hub records what each became."""
-    args.hub = {}
+def resolve_args(args, flags: tuple[str, ...], given: set[str]):
+    """Resolve, in place, each of `flags` (argparse dests) given on the command line that names a hub id; args.hub
+    records what each became (a default is a local path and never goes near the hub)."""
+    resolved = {}
     for dest in flags:
         value = getattr(args, dest, None)
-        if value:
+        if dest in given and value:
             path, info = resolve(str(value), f"--{dest.replace('_', '-')}")
             if info is not None:
                 setattr(args, dest, path)
-                args.hub[dest] = info
+                resolved[dest] = info
+    if resolved:
+        args.hub = resolved

@@ -59,6 +59,8 @@ def run_cli(main):
         sys.exit(130)
     finally:
         if dist.is_initialized():
+            import gc
+            gc.collect()  # FSDP modules still alive at teardown can make gloo abort the process at exit
             dist.destroy_process_group()
 
 

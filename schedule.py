@@ -321,7 +321,7 @@ def main(argv=None):
         runtime.refuse_unused(argv_given, {k: "--metric1-only scores no student" for k in
                                        ("student", "metric_balance", "metric2_weight")})
     check_balance_args(args, argv_given)
-    device = resolve_scoring_args(args)
+    device = resolve_scoring_args(args, argv_given)
     if args.probe_size <= 0:
         raise UserError("--probe-size must be positive")
 

@@ -64,7 +64,7 @@ def parse_args(argv=None):
         refuse_unused(given, {"save_every": f"places even checkpoints; --spacing {args.spacing} places its own"})
     if args.spacing != "val_loss":
         refuse_unused(given, {"eval_every": "decides --spacing val_loss's footsteps; drop it or add that"})
-    resolve_args(args, ROLE_DEFAULTS[args.role])
+    resolve_args(args, ROLE_DEFAULTS[args.role], given)
     for key in ("checkpoints", "eval_every"):
         if getattr(args, key) < (1 if key == "checkpoints" else 0):
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: out of range (see --help)")

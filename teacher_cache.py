@@ -275,7 +275,7 @@ def main(argv=None):
                                                      "--init (default: the first teacher checkpoint)")
     add_scoring_args(p)
     args = p.parse_args(argv)
-    device = resolve_scoring_args(args)
+    device = resolve_scoring_args(args, runtime.given_flags(p, argv))
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:

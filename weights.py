@@ -289,7 +289,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/aw", help="output dir for losses.safetensors and sfs_tfs.json")
     add_scoring_args(p)
     args = p.parse_args(argv)
-    device = resolve_scoring_args(args)
+    device = resolve_scoring_args(args, runtime.given_flags(p, argv))
     runtime.init_distributed(device)  # torchrun: each rank scores every N-th example with a whole copy of the model
 
     index = read_checkpoint_index(args.teacher)

@@ -494,9 +494,9 @@ def dynamic_run(runs, module_tmp):
     seen = []
     real = distill.distill_step
 
-    def spy(student, teacher, anchor, micro, args, device):
+    def spy(student, teacher, anchor, kd_term, micro, args, device):
         seen.append({i: float(v) for b in micro for i, v in zip(b["ids"], anchor(b["ids"]))})
-        return real(student, teacher, anchor, micro, args, device)
+        return real(student, teacher, anchor, kd_term, micro, args, device)
 
     distill.distill_step = spy
     try:
