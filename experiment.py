@@ -547,15 +547,16 @@ def student_sft(ex: Experiment, seed: int) -> Student:
     model = final
     if args.protocol == "paper":  # the paper's SFT student: its best checkpoint by the validation metric
         model = checkpoints.best_by_metric(student_run) or final
-    for key, which in [("student_sft", model), *([("student_sft", final)] if args.protocol == "paper" else [])]:
-        path = ex.root / "evals" / f"student_sft{'_final' if which != model else ''}_s{seed}.json"
-        m = ex.timer.run(f"eval student SFT{' final' if which != model else ''} s{seed}", test_eval, which, path,
+    scored = {"best": model, "final": final} if args.protocol == "paper" else {"best": model}
+    for role, which in scored.items():  # the row is the model the student's runs use; the final one beside it
+        path = ex.root / "evals" / f"student_sft{'_final' if role == 'final' else ''}_s{seed}.json"
+        m = ex.timer.run(f"eval student SFT{' final' if role == 'final' else ''} s{seed}", test_eval, which, path,
                          args, ex.test_size, ex.device, cached=path)
-        if which == model:
-            ex.results["main"][key].append(m["main"])
-            ex.eval_files[key].append(path)
+        if role == "best":
+            ex.results["main"]["student_sft"].append(m["main"])
+            ex.eval_files["student_sft"].append(path)
         else:
-            ex.results["main_final"].setdefault(key, []).append(m["main"])
+            ex.results["main_final"].setdefault("student_sft", []).append(m["main"])
     return Student(seed, student_run, model, ex.root / f"weights_s{seed}", s_common)
 
 
