@@ -27,7 +27,7 @@ from model import load_model
 from on_policy import OnPolicy
 from runtime import UserError, read_json
 from teachers import CheckpointTeachers
-from train import Progress, eval_loss, load_split, run_length, step_batches
+from train import Progress, eval_loss, load_splits, run_length, step_batches
 
 
 class DistillRun:
@@ -74,14 +74,11 @@ class DistillRun:
                 raise UserError(f"--on-policy {args.on_policy}: {why}")
         runtime.seed_everything(args.seed)
         self.tok = data.load_tokenizer(args.init)
-        train_examples, self.train_items = load_split(self.tok, args, "train", args.train_size)
-        self.val_examples, self.val_items = load_split(self.tok, args, "val", args.val_size)
+        _, self.train_items, self.val_examples, self.val_items = load_splits(self.tok, args, "--max-new-tokens",
+                                                                             args.max_new_tokens)
         self.eval_file, self.final_eval = final_evaluation(args)
-        if not self.train_items:
-            raise UserError(f"task {args.task}: the training split is empty")
         if args.val_metric and not self.val_examples:
             raise UserError(f"--val-metric: task {args.task} has no validation examples to choose the best stage by")
-        data.check_generation_flag(args.task, train_examples, "--max-new-tokens", args.max_new_tokens)
         self.sides = weights.SideLosses(args.sides, self.train_items, self.tok.pad_id, args.eval_batch_size, device,
                                         args.dtype) if args.sides else None
         self.probe = schedule.probe_items(self.train_items, args.probe_size, args.seed)

@@ -24,7 +24,7 @@ from checkpoints import (MetricsLog, checkpoint_name, items_fingerprint, latest_
 from flags import add_common_args, resolve_args
 from model import load_model
 from runtime import UserError, given_flags, refuse_unused, run_cli
-from train import (Progress, apply_update, eval_loss, expected_minutes, load_split, lr_at, make_optimizer,
+from train import (Progress, apply_update, eval_loss, expected_minutes, load_splits, lr_at, make_optimizer,
                    run_length, step_batches, train_step)
 
 # role defaults for the CPU-sized default run (NCBI-disease); --preset gpu switches to the paper's sizes.
@@ -85,21 +85,27 @@ def validate(model, tok, args, val_examples, val_items, device, loss_only: bool 
     return out
 
 
+def summary(args, model, train_items, val_items, total: int, steps_per_epoch: int, device) -> str:
+    """The run in one line, with a rough duration (train.expected_minutes)."""
+    n_tokens = sum(len(it["input_ids"]) for it in train_items) * args.epochs
+    world = runtime.world()
+    ranks = f"x{world} ranks" if world > 1 else ""
+    return (f"{args.role} SFT: {len(train_items)} train / {len(val_items)} val examples of {args.task}, {total} steps "
+            f"({steps_per_epoch}/epoch, batch {args.batch_size}x{args.grad_accum}{ranks}), "
+            f"{model.num_params() / 1e6:.1f}M params on {device}; expected about "
+            f"{expected_minutes(model, n_tokens, device, args.dtype):.0f} min of training plus evals")
+
+
 def train(args) -> Path:
     """The whole SFT run for one role, top to bottom. Returns the final checkpoint dir."""
     device = runtime.resolve_device(args.device)
     runtime.init_distributed(device)  # torchrun: one process per rank; without it, nothing
     args.dtype = runtime.resolve_dtype(args.dtype, device)
     runtime.seed_everything(args.seed)
-    world = runtime.world()
     # everything a user can get wrong is checked before --out is touched
     tok = data.load_tokenizer(args.model)
-    train_examples, train_items = load_split(tok, args, "train", args.train_size)
-    val_examples, val_items = load_split(tok, args, "val", args.val_size)
-    if not train_items:
-        raise UserError(f"task {args.task}: the training split is empty")
-    data.check_generation_flag(args.task, train_examples, "--eval-max-new-tokens", args.eval_max_new_tokens)
-    config = {**vars(args), "device": str(device), "world": world,
+    _, train_items, val_examples, val_items = load_splits(tok, args, "--eval-max-new-tokens", args.eval_max_new_tokens)
+    config = {**vars(args), "device": str(device), "world": runtime.world(),
               "inputs": {"train": items_fingerprint(train_items), "val": items_fingerprint(val_items)}}
     global_batch, steps_per_epoch, total = run_length(train_items, args)
     warmup = int(args.warmup * total)
@@ -130,12 +136,7 @@ def train(args) -> Path:
         tokens_seen = load_resume_state(path, model, optimizer)["tokens_seen"]
         log.truncate_after(step)
         runtime.print0(f"resuming from {path} (step {step} of {total})")
-    n_tokens = sum(len(it["input_ids"]) for it in train_items) * args.epochs
-    runtime.print0(f"{args.role} SFT: {len(train_items)} train / {len(val_items)} val examples of {args.task}, "
-                   f"{total} steps ({steps_per_epoch}/epoch, batch {args.batch_size}x{args.grad_accum}"
-                   + (f"x{world} ranks" if world > 1 else "") + "), "
-                   f"{model.num_params() / 1e6:.1f}M params on {device}; expected about "
-                   f"{expected_minutes(model, n_tokens, device, args.dtype):.0f} min of training plus evals")
+    runtime.print0(summary(args, model, train_items, val_items, total, steps_per_epoch, device))
     if plan.needs_start_loss and step == 0:  # L0, the start of the drop that the footsteps share
         log.log({"step": 0, "eval": True,
                  "val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)})

@@ -42,6 +42,17 @@ def load_split(tok, args, split: str, limit: int = 0):
     return examples, items
 
 
+def load_splits(tok, args, generation_flag: str, max_new_tokens: int):
+    """(train examples, train items, val examples, val items) of a training run, refused when there is nothing to
+    train on or when `generation_flag` caps generation on a task that generates nothing."""
+    train_examples, train_items = load_split(tok, args, "train", args.train_size)
+    val_examples, val_items = load_split(tok, args, "val", args.val_size)
+    if not train_items:
+        raise UserError(f"task {args.task}: the training split is empty")
+    data.check_generation_flag(args.task, train_examples, generation_flag, max_new_tokens)
+    return train_examples, train_items, val_examples, val_items
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
