@@ -78,9 +78,9 @@ LOOKAHEAD = 8  # prompt-lookup guesses per generation step (generate.generate): 
 
 @torch.no_grad()
 def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int, dtype: str = "fp32",
-                     progress: bool = False, stop_repeats: bool = False) -> list[str]:
+                     progress: bool = False, stop_repeats: bool = False) -> tuple[list[str], int]:
     """Greedy answers, batched by prompt length so little of each batch is padding; with stop_repeats each answer
-    stops at the first line it repeats (generate.RepeatStop)."""
+    stops at the first line it repeats (generate.RepeatStop). Returns the answers and how many the decoder stopped."""
     device = model.model.embed_tokens.weight.device
     prompts = [data.encode_prompt(tok, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -93,7 +93,7 @@ def generate_answers(model, tok, examples, batch_size: int, max_new_tokens: int,
                             lookahead=LOOKAHEAD, stop=stop)
         for k, out in zip(idx, outs):
             answers[k] = tok.decode(out).strip()
-    return answers
+    return answers, stop.stopped if stop is not None else 0
 
 
 def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_tokens: int | None = None,
@@ -112,15 +112,14 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
         scores = label_logprobs(model, tok, examples, options, batch_size, dtype, task, end=task != "pubmedqa")
         predictions = [opts[k] for opts, k in zip(options, scores.argmax(-1).tolist())]
     else:
-        predictions = generate_answers(model, tok, examples, batch_size, max_new_tokens, dtype, progress,
-                                       stop_repeats)
+        predictions, n_stopped = generate_answers(model, tok, examples, batch_size, max_new_tokens, dtype, progress,
+                                                  stop_repeats)
     model.train(was_training)
-    n_stopped = None
     if stop_repeats and kind != "choices":  # the last line too: the decoder stops only at a line's end
-        n_stopped = sum(data.cut_repeats(p) != p for p in predictions)
+        n_stopped += sum(data.cut_repeats(p) != p for p in predictions)
         predictions = [data.cut_repeats(p) for p in predictions]
     metrics = data.score(task, examples, predictions)
-    if n_stopped is not None:
+    if stop_repeats and kind != "choices":
         metrics["stopped"] = n_stopped
     rows = []
     for ex, pred in zip(examples, predictions):

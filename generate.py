@@ -138,7 +138,7 @@ class RepeatStop:
     same rule on text, so an answer stopped here is the full answer cut there."""
 
     def __init__(self, tok):
-        self.decode = tok.decode
+        self.decode, self.stopped = tok.decode, 0  # rows stopped so far
         texts = tok.tk.decode_batch([[i] for i in range(tok.vocab_size)], skip_special_tokens=False)
         self.newline_ids = torch.tensor([i for i, t in enumerate(texts) if "\n" in t])
 
@@ -208,6 +208,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_i
                 cut = stop.cut(seq[r, T:T + n[r]].tolist())
                 if cut is not None:
                     keep[r], done[r] = cut, True
+                    stop.stopped += 1
         if done.any():
             for r in done.nonzero().flatten().tolist():
                 result[int(rows[r])] = seq[r, T:T + keep.get(r, int(n[r]) - int(stopped[r]))].tolist()

@@ -119,7 +119,7 @@ def test_sampling_respects_top_p(tmp_path):
 def token_stop(newline: int) -> RepeatStop:
     """A RepeatStop over the tiny models' 97 ids: `newline` ends a line, a line's text is its ids."""
     stop = RepeatStop.__new__(RepeatStop)
-    stop.decode = lambda ids: " ".join(map(str, ids))
+    stop.decode, stop.stopped = lambda ids: " ".join(map(str, ids)), 0
     stop.newline_ids = torch.tensor([newline])
     return stop
 
@@ -154,6 +154,7 @@ def test_stopped_generation_is_the_full_answer_cut_at_its_first_repeated_line(tm
     cuts = [stop.cut(row) for row in strict]
     assert stopped == [row[:c] if c is not None else row for row, c in zip(strict, cuts)]
     assert sum(c is not None for c in cuts) >= 2  # loops were there to stop
+    assert 1 <= stop.stopped <= sum(c is not None for c in cuts)  # the rows the decoder itself ended early
     assert sum(map(len, stopped)) < sum(map(len, strict))
 
 
