@@ -12,3 +12,19 @@ def add_threads_arg(p):
 def set_threads(n: int):
     if n:
         torch.set_num_threads(n)
+
+
+def timed_rounds(runs: dict, rounds: int) -> dict[str, list[float]]:
+    """Each of `runs` (name -> function) once untimed, then `rounds` times in turn, so load from other processes on
+    the machine hits them alike: the seconds of every call, by name."""
+    import time
+
+    for fn in runs.values():  # warm-up
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times

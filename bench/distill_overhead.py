@@ -15,14 +15,13 @@ this machine hits both alike; the median of the per-round ratios is reported.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import add_threads_arg, set_threads  # noqa: E402
+from common import add_threads_arg, set_threads, timed_rounds  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
 import losses  # noqa: E402
@@ -85,14 +84,7 @@ def main():
           f"({teacher.num_params() / 1e6:.1f}M, {a.dtype}); batch {B}x{T}, {train.n_answer_tokens(batch)} answer "
           f"tokens; {a.loss}{' + AW' if a.aw else ''}; torch {torch.get_num_threads()} threads")
     print("other processes share this CPU: the two alternate and medians are compared")
-    for fn in runs.values():  # warm-up, untimed
-        fn()
-    times = {k: [] for k in runs}
-    for _ in range(a.rounds):
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = timed_rounds(runs, a.rounds)
     for k, label in (("reference", "student SFT step + teacher forward"), ("distill", "distill step")):
         print(f"  {label:36s} {statistics.median(times[k]):6.2f} s  (rounds: "
               f"{', '.join(f'{x:.2f}' for x in times[k])})")

@@ -15,14 +15,13 @@ the per-round ratios to TD is reported.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import add_threads_arg, set_threads  # noqa: E402
+from common import add_threads_arg, set_threads, timed_rounds  # noqa: E402
 from distill_overhead import real_batch  # noqa: E402
 
 import data  # noqa: E402
@@ -71,14 +70,7 @@ def main():
     B, T = batch["input_ids"].shape
     print(f"student {a.student} ({student.num_params() / 1e6:.1f}M), teacher {a.teacher}, {a.dtype}; batch {B}x{T}, "
           f"{train.n_answer_tokens(batch)} answer tokens; torch {torch.get_num_threads()} threads")
-    for fn in runs.values():  # warm-up, untimed
-        fn()
-    times = {k: [] for k in runs}
-    for _ in range(a.rounds):
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = timed_rounds(runs, a.rounds)
     times["gkd_0.5"] = [(x + y) / 2 for x, y in zip(times["gkd_off"], times["gkd_on"])]
     labels = {"td": "TD step", "taid": "TAID step", "gkd_off": "GKD step on gold answers",
               "gkd_on": "GKD step on sampled answers", "gkd_0.5": "GKD step at λ = 0.5 (mean)"}

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import add_threads_arg, set_threads  # noqa: E402
+from common import add_threads_arg, set_threads, timed_rounds  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
 import teacher_cache  # noqa: E402
@@ -113,14 +113,7 @@ def main():
     print(f"student {a.student} ({student.num_params() / 1e6:.1f}M), teacher {a.teacher} "
           f"({teacher.num_params() / 1e6:.1f}M, {a.dtype}); batch {B}x{T}, {train.n_answer_tokens(batch)} answer "
           f"tokens; fkl{' + AW' if a.aw else ''}; top-k k={a.top_k}; torch {torch.get_num_threads()} threads")
-    for fn in runs.values():  # warm-up, untimed
-        fn()
-    times = {k: [] for k in runs}
-    for _ in range(a.rounds):
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = timed_rounds(runs, a.rounds)
     for k, label in (("online", "online (teacher forward)"), ("exact", "from the exact cache (fp16)"),
                      ("topk", f"from the top-{a.top_k} cache (fp16)")):
         print(f"  {label:32s} {statistics.median(times[k]):6.3f} s  (rounds: "

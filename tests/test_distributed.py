@@ -193,11 +193,8 @@ def test_distill_scd_aw_on_two_ranks_picks_the_checkpoints_of_one_process(shardi
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
 
 
-def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teacher_runs, distill_runs, tmp_path):
-    """Killed right after its first resume state (mid-stage: the optimiser's shards are in it), resumed on 2 ranks:
-    the final student of a straight 2-rank run, bit for bit."""
-    out = tmp_path / "killed"
-    flags = distill_flags(teacher_runs, out, "--batch-size", 2, "--save-every", 1)
+def kill_at_first_resume_state(flags: list, out):
+    """A 2-rank distill.py run with `flags`, killed (-9, every rank) as soon as out/resume holds a complete state."""
     proc = torchrun("distill.py", *flags, wait=False)
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < 300:
@@ -207,6 +204,14 @@ def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teach
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def test_distill_kill_9_of_two_ranks_mid_stage_resumes_to_the_same_student(teacher_runs, distill_runs, tmp_path):
+    """Killed right after its first resume state (mid-stage: the optimiser's shards are in it), resumed on 2 ranks:
+    the final student of a straight 2-rank run, bit for bit."""
+    out = tmp_path / "killed"
+    flags = distill_flags(teacher_runs, out, "--batch-size", 2, "--save-every", 1)
+    kill_at_first_resume_state(flags, out)
     assert not (out / "final").exists()
     torchrun("distill.py", *flags, "--resume")
     assert_same_weights(distill_runs / "shard" / "final" / "model.safetensors", out / "final" / "model.safetensors",
@@ -220,15 +225,7 @@ def test_distill_kill_9_of_two_ranks_at_a_stage_boundary_resumes_to_the_same_stu
     optimiser: the final student of the straight 2-rank run, bit for bit."""
     out = tmp_path / "killed"
     flags = distill_flags(teacher_runs, out, "--batch-size", 2)
-    proc = torchrun("distill.py", *flags, wait=False)
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < 300:
-        if checkpoints.latest_resumable(out / "resume") is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_first_resume_state(flags, out)
     _, state = checkpoints.latest_resumable(out / "resume")
     progress = json.loads((state / checkpoints.STATE_FILES[1]).read_text())
     assert progress["k"] == 0 and progress["chosen"] is None and (state / "dcp" / ".metadata").exists()
