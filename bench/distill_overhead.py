@@ -41,15 +41,20 @@ def real_batch(tok, task, n, batch_size, max_len):
     return data.collate([items[i] for i in batches[len(batches) // 2]], tok.pad_id)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_step_args(p):
+    """The models and the real batch of a one-step benchmark (bench/rival_step.py takes them too)."""
     p.add_argument("--student", default="models/student", help="student model dir (trained)")
     p.add_argument("--teacher", default="models/teacher", help="teacher model dir or checkpoint (frozen)")
     p.add_argument("--task", default="ncbi_disease", help="task whose training batch is used")
     p.add_argument("--batch-size", type=int, default=8, help="examples in the batch (cpu preset: 8)")
     p.add_argument("--max-len", type=int, default=256, help="truncate examples to this many tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="as distill.py's --dtype")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_step_args(p)
     p.add_argument("--loss", choices=sorted(losses.DIVERGENCES), default="fkl", help="the KD divergence")
     p.add_argument("--aw", action=argparse.BooleanOptionalAction, default=True, help="AW weights (else alpha 0.5)")
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (each runs both once)")

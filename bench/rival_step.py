@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import add_threads_arg, set_threads, timed_rounds  # noqa: E402
-from distill_overhead import real_batch  # noqa: E402
+from distill_overhead import add_step_args, real_batch  # noqa: E402
 
 import data  # noqa: E402
 import distill  # noqa: E402
@@ -37,12 +37,7 @@ from teachers import ModelTeacher  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--student", default="models/student", help="student model dir")
-    p.add_argument("--teacher", default="models/teacher", help="teacher model dir or checkpoint (frozen)")
-    p.add_argument("--task", default="ncbi_disease", help="task whose training batch is used")
-    p.add_argument("--batch-size", type=int, default=8, help="examples in the batch (cpu preset: 8)")
-    p.add_argument("--max-len", type=int, default=256, help="truncate examples to this many tokens")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="as distill.py's --dtype")
+    add_step_args(p)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs every variant once)")
     add_threads_arg(p)
     a = p.parse_args()
