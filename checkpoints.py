@@ -113,7 +113,8 @@ class MetricsLog:
             if self.path.exists() else []
 
     def truncate_after(self, step: int):
-        """On resume, forget lines the interrupted run wrote after the checkpoint it resumes from."""
+        """On resume, forget lines the interrupted run wrote after the checkpoint it resumes from, and its final
+        evaluation's (written after the last step, done again by the resumed run)."""
         if self.path.exists() and runtime.is_main():
             keep = []
             for line in self.path.read_text().splitlines():
@@ -121,16 +122,16 @@ class MetricsLog:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # the half line a killed process left
                     continue
-                if row.get("step", 0) <= step:
+                if row.get("step", 0) <= step and not row.get("final_eval"):
                     keep.append(row)
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # config keys that do not change what a run computes, so --resume may differ in them: where the output goes and
 # how it is logged, the device (the same math; rounding aside), --preset (its values are resolved into the other
-# keys, which are compared), the no-grad scoring batch size (padding is masked: the same values up to rounding),
-# and the cache locations (their contents are keyed by what they depend on)
-RESUME_FREE = ("resume", "overwrite", "out", "log_every", "eval_batch_size", "device", "preset", "probe_cache",
+# keys, which are compared), and the cache locations (their contents are keyed by what they depend on). The no-grad
+# scoring batch size is not among them: it batches SCD's probe and AW's anchor, and rounding can flip a near tie
+RESUME_FREE = ("resume", "overwrite", "out", "log_every", "device", "preset", "probe_cache",
                "aw_table", "activation_checkpointing", "max_shard_gb")
 
 
@@ -394,10 +395,15 @@ def save_resume_state(out: Path, step: int, model, tok, meta: dict, progress: di
     the new one is complete, so a kill at any moment leaves one to resume from."""
     save_checkpoint(out / "resume", step, model, tok, meta, train_state=progress, optimizer=optimizer)
     if runtime.is_main():
-        for s, path in list_checkpoints(out / "resume"):
-            if s < step:
-                shutil.rmtree(path)
+        drop_older(out / "resume", step)
     runtime.barrier()
+
+
+def drop_older(run_dir, step: int):
+    """Delete a run dir's checkpoints before `step`: once the newest is complete, only it is needed to resume."""
+    for s, path in list_checkpoints(run_dir):
+        if s < step:
+            shutil.rmtree(path)
 
 
 def best_by_metric(run_dir) -> Path | None:

@@ -37,6 +37,7 @@ default system prompt (SmolLM2's template adds one; we never do, in training or 
 everywhere except the answer tokens and the end-of-turn token that follows them.
 """
 
+import hashlib
 import json
 import re
 import sys
@@ -780,6 +781,27 @@ def load_tokenizer(model_dir) -> Tok:
     files = [p for p in (path, config_path, model_dir / "special_tokens_map.json", model_dir / "chat_template.jinja")
              if p.is_file()]
     return Tok(tk, fmt, special, bos_id, eos_id, pad_id, files)
+
+
+def check_same_vocab(models: dict[str, Path]):
+    """Refuse models whose vocab_size or tokenizer vocabulary differ from the first one's: the KD term and both
+    metrics compare distributions token id by token id. `models` maps a name for the message to a model dir."""
+    ref, tokenizers = None, {}
+    for name, path in models.items():
+        path = Path(path)
+        size = read_json(path / "config.json").get("vocab_size")
+        tok_file = path / "tokenizer.json"
+        key = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else str(path)
+        if key not in tokenizers:  # identical files are parsed once
+            tokenizers[key] = load_tokenizer(path).tk.get_vocab(with_added_tokens=True)
+        if ref is None:
+            ref = (name, size, tokenizers[key])
+        elif size != ref[1]:
+            raise UserError(f"{name}: vocab_size {size} differs from {ref[0]}: {ref[1]}; teacher and student "
+                            "must share one vocabulary")
+        elif tokenizers[key] != ref[2]:
+            raise UserError(f"{name}: its tokenizer's vocabulary differs from that of {ref[0]}; teacher and "
+                            "student must share one tokenizer")
 
 
 def chat_pieces(tok: Tok, ex: Example) -> tuple[list[int], list[int], list[int], list[int]]:

@@ -1,6 +1,6 @@
 """Scheduled Checkpoint Distillation with Adaptive Weighting, and its baselines (arXiv 2601.10114, Sec. 3.2-3.3).
 
-    python distill.py                                    # SCD + AW: runs/teacher checkpoints -> models/student
+    python distill.py                                    # SCD + AW: models/student taught by runs/teacher's checkpoints
     python distill.py --schedule td --no-aw --alpha 1    # plain KD from the best teacher checkpoint
     python distill.py --schedule cd --loss jsd --beta 0.1
     python distill.py --teacher-cache runs/teacher_cache  # from teacher_cache.py's log-probs: no teacher forward
@@ -9,8 +9,10 @@ The run has --stages stages. At each stage start the scheduler picks a teacher c
 argmin of Metric 1 + Metric 2, CD's next, TD's one), and the optimiser and lr schedule start afresh. Each sample's
 loss is w·KD + (1 − w)·CE_gold over its answer tokens, with w from AW (weights.aw_weight) or a fixed --alpha.
 
-Output in runs/distill/<variant>/: stage_XX/ and final/ (HF layout), schedule.jsonl (one line per teacher choice),
-metrics.jsonl, config.json, resume/ (for --resume) and the final evaluation in final/eval_<task>_<split>.json.
+Output in runs/distill/<variant>/: stage_XX/ and final/ (HF layout; best/ too with --val-metric), schedule.jsonl
+(one line per teacher choice), metrics.jsonl, config.json, resume/ (for --resume), the final evaluation in
+final/eval_<task>_<split>.json, and AW's per-sample reference losses when they were scored here (aw_losses.safetensors,
+or aw_anchor/ with --aw-anchor current).
 The machinery around the loop (inputs checked, run dir, resume, torchrun, the teacher and AW sources) is in
 distill_run.py.
 """
@@ -34,13 +36,14 @@ from weights import aw_weight, sample_mean
 DEFAULTS = {k: ROLE_DEFAULTS["student"][k] for k in ("lr", "epochs")}
 
 
-def distill_step(student, teacher, anchor, kd_term, micro_batches: list[dict], args, device) -> dict:
-    """Gradients of one optimiser step, the paper's objective over the micro-batches' answer tokens j:
+def distill_step(student, teacher, anchor, kd_term, micro_batches: list[dict], alpha: float, device,
+                 dtype: str) -> dict:
+    """Gradients of one optimiser step, the paper's objective over the micro-batches' N answer tokens j:
 
-        L = Σ_j w·KD_j + (1 − w)·CE_j / (answer tokens of the step),   w = σ(log L_stuSFT − log L_ckpt)
+        L = (1/N) Σ_j [w_s·KD_j + (1 − w_s)·CE_j],   w_s = σ(log L_stuSFT(s) − log L_ckpt(s)) for token j's sample s
 
     KD_j is the divergence (--loss) of the student from the teacher at token j and CE_j the student's gold CE;
-    L_ckpt is the token-mean CE of the very teacher the KD term uses. Without AW (anchor None) w = --alpha.
+    L_ckpt is the token-mean CE of the very teacher the KD term uses. Without AW (anchor None) w_s = alpha.
 
     Args:
         teacher: the stage's teacher (teachers.ModelTeacher or teacher_cache.CachedTeacher): targets(batch).
@@ -53,18 +56,18 @@ def distill_step(student, teacher, anchor, kd_term, micro_batches: list[dict], a
     sums, n_samples = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "w": 0.0}, 0
     for batch in micro_batches:
         if not batch["ids"]:  # this rank's empty share of a short last batch (torchrun)
-            idle_pass(student, teacher, batch, device, args.dtype)
+            idle_pass(student, teacher, batch, device, dtype)
             continue
         batch = to_device(batch, device)
         B = batch["input_ids"].shape[0]
         target, ce_teacher = teacher.targets(batch)  # the teacher at the N answer positions: (N, V), (N,)
-        with runtime.autocast(device, args.dtype):
+        with runtime.autocast(device, dtype):
             h, labels, rows = answer_hidden(student, batch)  # (N, D), (N,), the sample of each token (N,)
         if anchor is None:
-            w = torch.full((B,), args.alpha, device=device)
+            w = torch.full((B,), alpha, device=device)
         else:  # AW: w = L_stuSFT / (L_stuSFT + L_ckpt), per sample
             w = aw_weight(anchor(batch["ids"]).to(device), sample_mean(ce_teacher, rows, B))  # (B,)
-        with runtime.autocast(device, args.dtype):
+        with runtime.autocast(device, dtype):
             kd, ce = kd_term(h, student.lm_logits, target, labels)  # KD_j (N,), CE_j (N,)
             loss = (w[rows] * kd + (1 - w[rows]) * ce).sum() / n_tokens
         loss.backward()
@@ -91,12 +94,12 @@ def distill(args):
         optimizer = make_optimizer(student, args.lr, args.weight_decay)
         run.start_stage(chosen, optimizer)  # a mid-stage resume restores the optimiser's state here
         student.train()
-        while run.k < run.stage_steps:
+        for k in range(run.k, run.stage_steps):  # from where a resumed stage stopped
             micro = run.batches()  # the gold answers, or (--on-policy) the student's own samples
-            lr = lr_at(run.k, run.stage_steps, run.warmup, args.lr)
-            stats = distill_step(student, teacher, anchor, run.kd_term, micro, args, run.device)
+            lr = lr_at(k, run.stage_steps, run.warmup, args.lr)
+            stats = distill_step(student, teacher, anchor, run.kd_term, micro, args.alpha, run.device, args.dtype)
             apply_update(optimizer, lr, run.step, stats["loss"], stats["grad_norm"])
-            run.end_step(micro, stats, lr, optimizer)  # metrics.jsonl, the bar, --save-every resume states
+            run.end_step(micro, stats, lr, optimizer)  # step + 1; metrics.jsonl, the bar, --save-every states
         del optimizer
         run.end_stage()  # stage end: validation, the stage's export, the resume state
     return run.finish()  # the final export and its evaluation

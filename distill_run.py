@@ -27,7 +27,7 @@ from model import load_model
 from on_policy import OnPolicy
 from runtime import UserError, read_json
 from teachers import CheckpointTeachers
-from train import Progress, eval_loss, load_splits, run_length, step_batches
+from train import Progress, load_splits, run_length, step_batches
 
 
 class DistillRun:
@@ -35,6 +35,8 @@ class DistillRun:
 
     def __init__(self, args):
         self.args = args
+        self.best = None  # --val-metric: the best stage so far, {"stage", "step", "val_metric"}
+        self.kd_state = None  # what the KD term keeps across a resume (TAID's t)
         self.device = runtime.resolve_device(args.device)
         runtime.init_distributed(self.device)  # torchrun: one process per rank; without it, nothing
         args.dtype = runtime.resolve_dtype(args.dtype, self.device)
@@ -65,7 +67,7 @@ class DistillRun:
         if args.aw and args.aw_anchor == "sft":
             self.student_sft = sft_model(args.student_sft)
             named[f"--student-sft {self.student_sft}"] = self.student_sft
-        schedule.check_same_vocab(named)
+        data.check_same_vocab(named)
         for bad, why in ((args.teacher_cache, "the sampled answers need a live teacher; drop --teacher-cache"),
                          (args.aw, "AW weighs each sample's gold CE against the teacher's and sampled answers have "
                                    "no gold: add --no-aw"),
@@ -87,9 +89,14 @@ class DistillRun:
             self.cache = teacher_cache.TeacherCache(args.teacher_cache)
             usable = [schedule.td_choice(self.index, args.td_ckpt == "final")] if args.schedule == "td" \
                 else self.index["steps"]
+            if args.schedule == "scd":  # Metric 1 measures from the best checkpoint, a candidate or not
+                usable = sorted({*usable, self.index["best"]})
             self.cache.check(teacher_cache.cache_key(self.train_items, {s: self.checkpoints[s] for s in usable},
                                                      args.max_len, args.dtype, device.type),
                              self.probe if args.schedule == "scd" else ())
+        if args.loss == "taid" and self.cache is not None and self.cache.form == "topk":
+            raise UserError("--loss taid: its target interpolates the student's and the teacher's whole distributions; "
+                            "a top-k cache keeps k of the teacher's log-probs: use an exact cache or none")
 
     def make_out_dir(self):
         """The run dir, once all inputs are good; its config.json holds the content of every input, so --resume
@@ -114,8 +121,6 @@ class DistillRun:
     def resume_point(self):
         """(stage, k, step, tokens seen, resume dir or None): where the loop starts. A resume forgets the log lines
         the interrupted run wrote after its state, and a stage not yet chosen is chosen again."""
-        self.best = None  # --val-metric: the best stage so far, {"stage", "step", "val_metric"}
-        self.kd_state = None  # what the KD term keeps across a resume (TAID's t)
         if not self.args.resume:
             return 0, 0, 0, 0, None
         found = latest_resumable(self.out / "resume")
@@ -128,6 +133,7 @@ class DistillRun:
         step = stage * self.stage_steps + k
         self.log.truncate_after(step)
         self.schedule_log.truncate_after(step if chosen is not None else step - 1)
+        runtime.barrier()  # rank 0 truncated the logs; every rank reads the schedule's history next
         runtime.print0(f"resuming from {path}: stage {stage}, step {step} of {self.n_steps}")
         return stage, k, step, tokens_seen, path
 
@@ -146,8 +152,10 @@ class DistillRun:
         elif args.schedule == "scd":
             probe_cache = schedule.ProbeCache(args.probe_cache, self.probe, list(self.checkpoints.items()),
                                               args.dtype, device, tok.files)
-            # rank 0 scores the checkpoints, then every rank reads the files (`and None`: the cache is not sent round)
-            runtime.main_first(lambda: probe_cache.build(tok.pad_id, args.eval_batch_size) and None)
+            def build():  # rank 0 scores the checkpoints; every rank then reads the files
+                probe_cache.build(tok.pad_id, args.eval_batch_size)
+
+            runtime.main_first(build)
         self.scheduler = schedule.Scheduler(
             args.schedule, self.index, args.stages, probe_cache,
             lambda model: schedule.probe_logprobs(model, self.probe, tok.pad_id, args.eval_batch_size, device,
@@ -227,15 +235,10 @@ class DistillRun:
         """The stage's validation loss (and --sides, --val-metric), its export (and best/), and the resume state of
         the next stage's start."""
         args, student, stage, step = self.args, self.student, self.stage, self.step
-        val_loss = eval_loss(student, self.val_items, self.tok.pad_id, args.eval_batch_size, self.device,
-                             args.dtype) if self.val_items else None
-        row = {"step": step, "stage": stage, "eval": True, "val_loss": val_loss}
-        if self.sides is not None:
-            row.update(self.sides(student))
-        if args.val_metric:  # every rank decodes: a sharded student's forwards are collectives
-            metrics, _ = evaluate.evaluate(student, self.tok, args.task, self.val_examples, args.eval_batch_size,
-                                           args.eval_max_new_tokens or None, args.dtype, stop_repeats=args.stop_repeats)
-            row.update(val_metric=metrics["main"], val_metrics=metrics)
+        val = evaluate.validate(student, self.tok, args, self.val_examples, self.val_items, self.device,
+                                loss_only=not args.val_metric) if self.val_items else {"val_loss": None}
+        val_loss = val["val_loss"]
+        row = {"step": step, "stage": stage, "eval": True, **val, **(self.sides(student) if self.sides else {})}
         self.log.log(row)
         meta = {"step": step, "stage": stage, "ckpt": self.chosen, "val_loss": val_loss, "variant": args.variant,
                 "config": self.config, **({"val_metric": row["val_metric"]} if args.val_metric else {})}
@@ -262,7 +265,7 @@ class DistillRun:
         final = export(self.out, "final", self.n_steps, self.student, self.tok,
                        {"step": self.n_steps, "variant": args.variant, "config": self.config}, args.max_shard_gb)
         if self.final_eval["split"] is not None and runtime.is_main():
-            for name in ("final", "best") if args.val_metric else ("final",):
+            for name in ("best", "final") if args.val_metric else ("final",):  # final's eval marks the run done
                 metrics = evaluate.evaluate_dir(self.out / name, args.task, args.eval_split, args.data_dir,
                                                 self.eval_file,
                                                 args.eval_size, args.eval_batch_size, args.max_new_tokens or None,

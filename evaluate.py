@@ -20,6 +20,7 @@ import data
 import hub
 from generate import KVCache, RepeatStop, generate, left_pad
 from model import load_model
+from train import eval_loss
 from runtime import (UserError, atomic_write_text, autocast, given_flags, resolve_device, resolve_dtype, run_cli,
                      single_process)
 
@@ -107,8 +108,9 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
     kind = data.answer_kind(task, examples)
     if kind == "choices":  # no generation: the option with the highest log-probability is the answer
         options = [list(ex.choices) for ex in examples]
-        # PubMedQA's one-word labels are no prefix of each other, and its recorded results score them without the
-        # end-of-turn token; a user's options may be ("cancer", "cancer of the breast"), so theirs end with it
+        # PubMedQA's one-word labels are no prefix of each other, so they are scored without the end-of-turn token
+        # (as the committed results were); a user's options may be ("cancer", "cancer of the breast"): theirs end
+        # with it
         scores = label_logprobs(model, tok, examples, options, batch_size, dtype, task, end=task != "pubmedqa")
         predictions = [opts[k] for opts, k in zip(options, scores.argmax(-1).tolist())]
     else:
@@ -127,6 +129,22 @@ def evaluate(model, tok, task: str, examples, batch_size: int = 16, max_new_toke
         gold = ex.gold if ex.gold is not None else data.normalise(ex.answer)
         rows.append({"id": ex.id, "prediction": pred, "gold": gold, "correct": data.answers_match(parsed, gold)})
     return metrics, rows
+
+
+def validate(model, tok, args, val_examples, val_items, device, loss_only: bool = False) -> dict:
+    """A training run's validation: the val loss (train.eval_loss, split over the ranks under torchrun) and, unless
+    loss_only, the task metric on the validation examples (every rank decodes them all: a sharded model's decode
+    loop is a collective whose length depends on the answers)."""
+    model.eval()
+    out = {"val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)}
+    if val_examples and not loss_only:
+        metrics, _ = evaluate(model, tok, args.task, val_examples, batch_size=args.eval_batch_size,
+                              max_new_tokens=args.eval_max_new_tokens or None, dtype=args.dtype,
+                              stop_repeats=args.stop_repeats)
+        out["val_metric"] = metrics["main"]
+        out["val_metrics"] = metrics
+    model.train()
+    return out
 
 
 def evaluate_dir(model_dir, task: str, split: str, data_dir=None, data_file=None, limit: int = 0,

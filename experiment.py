@@ -29,8 +29,8 @@ distillation keeps final/ and its logs, not its resume state or (without --keep-
 
 Generated answers end before the first line they repeat (--decode stopped: a greedy loop would run to the token cap)
 in every test and distillation evaluation. --decode strict decodes to the cap, as the paper's metric reads them, and
-the report then gives both scores (the stopped one cut from the strict answers); roots from before --decode were
-decoded so, and are reused only with it.
+the report then gives both scores (the stopped one cut from the strict answers). A root whose experiment.json
+does not say how it decoded (or which protocol it ran) decoded strictly (and ran the short protocol).
 """
 
 import argparse
@@ -104,7 +104,7 @@ def check_settings(root: Path, settings: dict):
     data) is refused by name instead of mixing runs."""
     path = root / "experiment.json"
     if path.exists():
-        # a root from before --decode decoded to the token cap; one from before --protocol ran the short one
+        # settings a root does not record have their values from before the flags existed
         old = {"decode": "strict", "protocol": "short", **read_json(path)}
         diff = checkpoints.config_diff(old, json.loads(json.dumps(settings)))
         if diff:
@@ -205,7 +205,7 @@ def side_losses(model_dir: Path, split: dict, items_by_id: dict, pad_id: int, de
     return out
 
 
-def footsteps(root: Path, args, runs: dict[str, Path], tok, sizes: dict, device) -> dict:
+def metric1_by_spacing(root: Path, args, runs: dict[str, Path], tok, sizes: dict, device) -> dict:
     """Metric 1 (KL from the run's best checkpoint) and val loss per checkpoint of each spacing's teacher run, on
     seed 0's probe set: how far apart the footsteps SCD can choose from are. Written to root/footsteps.json; the
     probe log-probs behind it are deleted once it is."""
@@ -527,7 +527,7 @@ def other_spacings(ex: Experiment):
             ex.timer.run(f"teacher SFT {spacing}", sft.main, [
                 "--role", "teacher", "--model", str(ex.models / "teacher"), "--out", str(runs[spacing]), *ex.common,
                 *ex.quick_eval, "--spacing", spacing, *count, *(QUICK_STUDENT if args.quick else []), *flags])
-    ex.results["footsteps"] = footsteps(ex.root, args, runs, data.load_tokenizer(ex.models / "teacher"), ex.sizes,
+    ex.results["footsteps"] = metric1_by_spacing(ex.root, args, runs, data.load_tokenizer(ex.models / "teacher"), ex.sizes,
                                         ex.device)
 
 
@@ -572,14 +572,19 @@ def aw_table(ex: Experiment, student: Student):
             "--dtype", ex.args.dtype, "--device", str(ex.device)])
 
 
+def row_checkpoint(ex: Experiment, out: Path) -> Path:
+    """The checkpoint of a distillation that its report row scores: best/ under the paper's protocol, else final/."""
+    return out / ("best" if ex.args.protocol == "paper" else "final")
+
+
 def run_distill(ex: Experiment, student: Student, variant: str, out: Path, name: str, *extra: str,
-                split: str = "test", size: int | None = None) -> dict:
-    """One distill.py run (skipped when complete, resumed when interrupted); its final eval metrics. `size`: the
-    examples of `split` it scores (default the test size)."""
+                split: str = "test", size: int | None = None) -> tuple[dict, dict]:
+    """One distill.py run (skipped when complete, resumed when interrupted); the eval metrics of its row's checkpoint
+    (row_checkpoint) and of its final one. `size`: the examples of `split` it scores (default the test size)."""
     args = ex.args
     size = ex.test_size if size is None else size
-    done = (out / "final" / f"eval_{args.task}_{split}.json").exists()
-    flags = run_flags(out, done, (out / "resume").exists())
+    evals = [d / f"eval_{args.task}_{split}.json" for d in (row_checkpoint(ex, out), out / "final")]
+    flags = run_flags(out, all(e.exists() for e in evals), checkpoints.latest_resumable(out / "resume") is not None)
     if flags is not None:
         ex.timer.run(name, distill.main, [
             *distill_flags(variant, args, ex.root, student.aw_dir, student.model), "--teacher", str(ex.teacher_run),
@@ -590,7 +595,7 @@ def run_distill(ex: Experiment, student: Student, variant: str, out: Path, name:
             *ex.protocol["distill"], *(ex.quick_eval if "--val-metric" in ex.protocol["distill"] else []),
             *(QUICK_DISTILL if args.quick else []), *extra, *flags])
     prune_run(out, args.keep_stages)
-    return read_json(out / "final" / f"eval_{args.task}_{split}.json")
+    return read_json(evals[0]), read_json(evals[1])
 
 
 def search_lr(ex: Experiment, student: Student):
@@ -604,7 +609,7 @@ def search_lr(ex: Experiment, student: Student):
                 ex.lr_search[start] = {"variant": td, "chosen": grid[0], "given": True}
                 continue
             scores = {lr: run_distill(ex, student, td, ex.root / f"lr_{td}_{lr}", f"lr search {td} {lr}", "--lr", lr,
-                                      split="val", size=ex.preset["grid_val"])["main"] for lr in grid}
+                                      split="val", size=ex.preset["grid_val"])[0]["main"] for lr in grid}
             ex.lr_search[start] = {"variant": td, "split": "val", "n": ex.preset["grid_val"], "scores": scores,
                                    "chosen": max(grid, key=lambda lr: (scores[lr], -grid.index(lr)))}
     atomic_write_text(ex.root / "lr_search.json", json.dumps(ex.lr_search, indent=2) + "\n")
@@ -619,15 +624,11 @@ def distill_variants(ex: Experiment, student: Student):
         lr = ["--lr", ex.lr_search[start]["chosen"]] if start in ex.lr_search else []
         sides_flag = ["--sides", str(student.aw_dir / "sfs_tfs.json")] if args.stage_sides and first else []
         out = ex.root / f"{variant}_s{seed}"
-        m = run_distill(ex, student, variant, out, f"distill {variant} s{seed}", *lr, *sides_flag)
+        row, final = run_distill(ex, student, variant, out, f"distill {variant} s{seed}", *lr, *sides_flag)
+        ex.results["main"][variant].append(row["main"])
+        ex.eval_files[variant].append(row_checkpoint(ex, out) / f"eval_{args.task}_test.json")
         if args.protocol == "paper":  # the best stage is the row, the final one is reported beside it
-            ex.results["main_final"].setdefault(variant, []).append(m["main"])
-            out = out / "best"
-            m = read_json(out / f"eval_{args.task}_test.json")
-        else:
-            out = out / "final"
-        ex.results["main"][variant].append(m["main"])
-        ex.eval_files[variant].append(out / f"eval_{args.task}_test.json")
+            ex.results["main_final"].setdefault(variant, []).append(final["main"])
 
 
 def sides_analysis(ex: Experiment, student: Student):
@@ -640,7 +641,7 @@ def sides_analysis(ex: Experiment, student: Student):
     tok = data.load_tokenizer(ex.models / "student")
     items = None
     dirs = {"teacher": ex.teacher_final, "student_base": ex.models / "student", "student_sft": student.model,
-            **{v: ex.root / f"{v}_s{student.seed}" / "final" for v in args.variants}}
+            **{v: row_checkpoint(ex, ex.root / f"{v}_s{student.seed}") for v in args.variants}}
     for key, model_dir in dirs.items():
         if key in ex.sides:
             continue

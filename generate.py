@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from model import ModelArgs
 
 
@@ -133,9 +134,9 @@ class RepeatStop:
     mention line a second time has entered a loop that would run to the token cap. The answer ends before the
     repeated line.
 
-    A line is the tokens between two tokens whose text holds a line break; lines compare by their text with
-    whitespace runs collapsed (as the task's parser reads them), and empty lines are skipped. data.cut_repeats is the
-    same rule on text, so an answer stopped here is the full answer cut there."""
+    The rule is data.cut_repeats, applied to the whole lines decoded so far (those ended by a token whose text holds
+    a line break); the row stops where the kept text ends. Where that falls inside a token (a line break in the
+    middle of one), the decoder goes on and the evaluation cuts the text afterwards."""
 
     def __init__(self, tok):
         self.decode, self.stopped = tok.decode, 0  # rows stopped so far
@@ -143,19 +144,16 @@ class RepeatStop:
         self.newline_ids = torch.tensor([i for i, t in enumerate(texts) if "\n" in t])
 
     def cut(self, tokens: list[int]) -> int | None:
-        """None if no completed line of `tokens` repeats an earlier one, else how many tokens come before it."""
+        """How many of `tokens` come before the first whole line that repeats an earlier one, or None."""
         newlines = set(self.newline_ids.tolist())
-        seen, start = set(), 0
-        for j, t in enumerate(tokens):
-            if t not in newlines:
-                continue
-            line = " ".join(self.decode(tokens[start:j]).split())
-            if line in seen:
-                return start
-            if line:
-                seen.add(line)
-            start = j + 1
-        return None
+        ends = [j + 1 for j, t in enumerate(tokens) if t in newlines]  # token counts that end a line
+        if not ends:
+            return None
+        text = self.decode(tokens[:ends[-1]])
+        kept = data.cut_repeats(text)
+        if kept == text:
+            return None
+        return next((e for e in reversed(ends) if self.decode(tokens[:e]).strip() == kept), None)
 
 
 @torch.no_grad()
@@ -201,17 +199,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_i
         n = n + n_new
         stopped = (is_eos & (j < n_new[:, None])).any(-1)
         done = stopped | (n >= max_new_tokens)
-        keep = {}  # row -> output length, for the rows `stop` ends at a repeated line
+        cut_at = {}  # row -> its output's length, for the rows `stop` ends before a repeated line
         if stop is not None:
             new_line = (torch.isin(choice, stop.newline_ids.to(device)) & (j < n_new[:, None])).any(-1)
             for r in (new_line & ~done).nonzero().flatten().tolist():
                 cut = stop.cut(seq[r, T:T + n[r]].tolist())
                 if cut is not None:
-                    keep[r], done[r] = cut, True
+                    cut_at[r], done[r] = cut, True
                     stop.stopped += 1
         if done.any():
             for r in done.nonzero().flatten().tolist():
-                result[int(rows[r])] = seq[r, T:T + keep.get(r, int(n[r]) - int(stopped[r]))].tolist()
+                result[int(rows[r])] = seq[r, T:T + cut_at.get(r, int(n[r]) - int(stopped[r]))].tolist()
             if done.all():
                 break
             keep = (~done).nonzero().flatten()

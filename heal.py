@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import data
 import hub
 import prepare
 import runtime
-from checkpoints import (MetricsLog, latest_resumable, list_checkpoints, load_resume_state, model_fingerprint,
+from checkpoints import (MetricsLog, drop_older, latest_resumable, load_resume_state, model_fingerprint,
                          prepare_out_dir, save_checkpoint)
 from losses import token_ce, token_losses
 from model import load_model, save_model
@@ -167,7 +166,8 @@ def heal_step(student, teacher, rows: torch.Tensor, device, dtype: str) -> tuple
     kd_sum, ce_sum, n = heal_loss_sum(student, teacher, rows, device, dtype)
     (kd_sum / n).backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
-    return float(kd_sum.detach()) / n, float(ce_sum.detach()) / n, grad_norm
+    n_next = n - rows.shape[0]  # the CE has no label at each row's last position; the KL is taken there too
+    return float(kd_sum.detach()) / n, float(ce_sum.detach()) / n_next, grad_norm
 
 
 @torch.no_grad()
@@ -296,9 +296,7 @@ def heal(args) -> Path:
                 log.log({"step": step, "eval": True, "perplexity": ppl, "seconds": seconds})
                 save_checkpoint(out, step, student, tok, {"step": step, "perplexity": ppl, "kept_layers": kept},
                                     train_state={"seconds": seconds, "curve": curve}, optimizer=optimizer)
-                for s, path in list_checkpoints(out):  # only the newest is needed to resume: 4 bytes a parameter
-                    if s < step:
-                        shutil.rmtree(path)
+                drop_older(out, step)
                 tqdm.write(f"step {step}: {row['tokens']:,} tokens, held-out perplexity {ppl:.1f} "
                            f"({ppl / ppl_teacher:.2f}x the teacher), {seconds / 60:.1f} min")
     finally:

@@ -20,6 +20,12 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def complete(path: Path) -> bool:
+    """Whether a snapshot holds what load_model and load_tokenizer read: config, weights and tokenizer."""
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return weights and (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+
+
 def resolve(value: str, flag: str) -> tuple[str, dict | None]:
     """(the path to use, what a hub id resolved to or None): an existing path as it is, else owner/name[@revision]
     from the Hugging Face cache or the hub, when no local dir is called `owner` (runs/student is a run dir not made
@@ -37,9 +43,11 @@ def resolve(value: str, flag: str) -> tuple[str, dict | None]:
         try:
             path = snapshot_download(repo, revision=revision, allow_patterns=FILES, cache_dir=cache,
                                      local_files_only=True)
+            if not complete(Path(path)):  # a snapshot left by a partial download (a config alone, say)
+                raise LocalEntryNotFoundError(f"{path} has no weights or no tokenizer")
         except LocalEntryNotFoundError:
             if offline():
-                raise UserError(f"{flag} {value}: not a directory, and not in the Hugging Face cache "
+                raise UserError(f"{flag} {value}: not a directory, and not (whole) in the Hugging Face cache "
                                 f"({cache or 'the default one'}) while HF_HUB_OFFLINE=1; download it first "
                                 f"(huggingface-cli download {repo}) or unset HF_HUB_OFFLINE") from None
             path = snapshot_download(repo, revision=revision, allow_patterns=FILES, cache_dir=cache)

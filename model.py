@@ -410,7 +410,7 @@ def save_model(model: Transformer, path, dtype: torch.dtype | None = None, state
     """Write config.json + model.safetensors (HF names; a tied lm_head is not stored). Not atomic by itself.
 
     `state` is the model's full state dict when it is not the model's own (runtime.full_state_dict under FSDP,
-    whose parameters are shards). Weights above `max_shard_bytes` are split, in name order, into
+    whose parameters are shards). Weights above `max_shard_bytes` are split, in state-dict order, into
     model-0000k-of-0000n.safetensors files of at most that size (one bigger tensor gets a file of its own), with the
     model.safetensors.index.json map that transformers and load_model read."""
     from safetensors.torch import save_file

@@ -313,7 +313,7 @@ def plot_schedule(root: Path, seed: int, variants: list[str], png: Path) -> str:
         path = root / f"{name}_s{seed}" / "schedule.jsonl"
         if name not in variants or not path.exists():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = checkpoints.MetricsLog(path).rows()
         ax.plot([r["stage"] for r in rows], [r["chosen"] for r in rows], style, label=f"{VARIANTS[name][0]} choice")
         m2 = [next(c["metric2"] for c in r["candidates"] if c["ckpt"] == r["chosen"]) for r in rows]
         if all(m is not None for m in m2):
@@ -336,7 +336,7 @@ def stage_sides(root: Path, seed: int, variants: list[str], png: Path) -> list[s
     curves = {}
     for v in variants:
         path = root / f"{v}_s{seed}" / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        rows = checkpoints.MetricsLog(path).rows()
         rows = [r for r in rows if r.get("eval") and "sfs_loss" in r]
         if rows:
             curves[v] = rows
@@ -437,7 +437,7 @@ def beyond_section(root: Path, seed: int, variants: list[str], results: dict, me
         diff = "-" if b is None else f"{b['diff']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}]" + (
             f", seeds [{b['seeds']['lo']:+.4f}, {b['seeds']['hi']:+.4f}]" if "seeds" in b else "")
         path = root / f"{v}_s{seed}" / "schedule.jsonl"
-        chosen = [json.loads(line)["chosen"] for line in path.read_text().splitlines()] if path.exists() else []
+        chosen = [r["chosen"] for r in checkpoints.MetricsLog(path).rows()]
         lines.append(f"| {VARIANTS[v][0]} | `{changed}` | {mean_std(results['main'].get(v, []))} | {diff} | "
                      f"{'-' if b is None else verdict(b)} | {chosen or '-'} |")
     curve = results.get("granularity", [])
@@ -485,8 +485,9 @@ def protocol_note(results: dict, rows: list[tuple[str, str]], metric: str) -> li
     lines = ["The paper's protocol (--protocol paper): every trained row (the SFT student and each distillation) ran "
              "10 epochs over the training examples from the model it starts from (distillation: 5 stages of 2 "
              "epochs), and is reported at the best of its 5 checkpoints (every 2 epochs) by the validation "
-             f"{metric}; the SFT student's best is AW's reference and the from-SFT variants' start. The final "
-             "checkpoints scored:", "", f"| model | {metric}, final checkpoint | per seed |", "|---|---|---|"]
+             f"{metric}; the SFT student's best is AW's reference and the from-SFT variants' start, and the learning "
+             "rate search and the SFS/TFS losses read the same checkpoints. The teacher is its SFT run's final "
+             "checkpoint in both protocols (its run is the footsteps SCD walks). The final checkpoints scored:", "", f"| model | {metric}, final checkpoint | per seed |", "|---|---|---|"]
     final = results.get("main_final", {})
     lines += [f"| {label} | {mean_std(final[key])} | {', '.join(f'{v:.4f}' for v in final[key])} |"
               for label, key in rows if key in final]
@@ -630,7 +631,7 @@ def schedule_section(root: Path, seed: int, variants: list[str], note: str) -> l
     for name in SCHEDULED:
         path = root / f"{name}_s{seed}" / "schedule.jsonl"
         if name in variants and path.exists():
-            chosen = [json.loads(line)["chosen"] for line in path.read_text().splitlines() if line.strip()]
+            chosen = [r["chosen"] for r in checkpoints.MetricsLog(path).rows()]
             lines.append(f"- {VARIANTS[name][0]}: checkpoints {chosen}")
     return lines
 

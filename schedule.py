@@ -262,27 +262,6 @@ class ProbeCache:
         return load_file(str(self.file(step)))["logp"]
 
 
-def check_same_vocab(models: dict[str, Path]):
-    """Refuse models whose vocab_size or tokenizer vocabulary differ from the first one's: the KD term and both
-    metrics compare distributions token id by token id. `models` maps a name for the message to a model dir."""
-    ref, tokenizers = None, {}
-    for name, path in models.items():
-        path = Path(path)
-        size = read_json(path / "config.json").get("vocab_size")
-        tok_file = path / "tokenizer.json"
-        key = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else str(path)
-        if key not in tokenizers:  # identical files are parsed once
-            tokenizers[key] = data.load_tokenizer(path).tk.get_vocab(with_added_tokens=True)
-        if ref is None:
-            ref = (name, size, tokenizers[key])
-        elif size != ref[1]:
-            raise UserError(f"{name}: vocab_size {size} differs from {ref[0]}: {ref[1]}; teacher and student "
-                            "must share one vocabulary")
-        elif tokenizers[key] != ref[2]:
-            raise UserError(f"{name}: its tokenizer's vocabulary differs from that of {ref[0]}; teacher and "
-                            "student must share one tokenizer")
-
-
 def add_balance_args(p: argparse.ArgumentParser):
     """SCD's metric balance flags, shared with distill.py."""
     p.add_argument("--metric-balance", choices=BALANCES, default="none",
@@ -329,7 +308,7 @@ def main(argv=None):
     checkpoints = list_checkpoints(args.teacher)
     first = checkpoints[0][1]
     if not args.metric1_only:
-        check_same_vocab({f"--student {args.student}": args.student, f"--teacher {first}": first})
+        data.check_same_vocab({f"--student {args.student}": args.student, f"--teacher {first}": first})
     tok = data.load_tokenizer(first if args.metric1_only else args.student)
     _, items = load_split(tok, args, "train", args.train_size)
     probe = probe_items(items, args.probe_size, args.seed)

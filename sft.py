@@ -71,20 +71,6 @@ def parse_args(argv=None):
     return args
 
 
-def validate(model, tok, args, val_examples, val_items, device, loss_only: bool = False) -> dict:
-    """Val loss and (unless loss_only) the task metric, by the same functions evaluate.py uses."""
-    model.eval()
-    out = {"val_loss": eval_loss(model, val_items, tok.pad_id, args.eval_batch_size, device, args.dtype)}
-    if val_examples and not loss_only:
-        metrics, _ = evaluate.evaluate(model, tok, args.task, val_examples, batch_size=args.eval_batch_size,
-                                       max_new_tokens=args.eval_max_new_tokens or None, dtype=args.dtype,
-                                       stop_repeats=args.stop_repeats)
-        out["val_metric"] = metrics["main"]
-        out["val_metrics"] = metrics
-    model.train()
-    return out
-
-
 def summary(args, model, train_items, val_items, total: int, steps_per_epoch: int, device) -> str:
     """The run in one line, with a rough duration (train.expected_minutes)."""
     n_tokens = sum(len(it["input_ids"]) for it in train_items) * args.epochs
@@ -155,7 +141,7 @@ def train(args) -> Path:
                                           "grad_norm": grad_norm}, last=step == total,
                             loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if step in plan.save_at:  # a footstep (or a val_loss candidate): validate, then save
-                val = validate(model, tok, args, val_examples, val_items, device, plan.candidate_only(step))
+                val = evaluate.validate(model, tok, args, val_examples, val_items, device, plan.candidate_only(step))
                 log.log({"step": step, "eval": True, **val})
                 meta = {"step": step, "epoch": step / steps_per_epoch, "tokens_seen": progress.tokens_seen,
                         "train_loss": loss, **val, "role": args.role, "task": args.task, "config": config}

@@ -43,7 +43,7 @@ from train import answer_batches, load_split
 FORMS = ("exact", "topk")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MANIFEST = "manifest.json"
-VERSION = 2  # 2: keyed by checkpoints.items_fingerprint and model_fingerprint
+VERSION = 2  # of the manifest's key: a cache keyed another way is refused by name and rebuilt
 DEFAULT_K = 64  # the mean KD term stays close to exact at k = 64 (bench/topk_error.py)
 
 # -----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def build(out, teacher_dir, items: list[dict], pad_id: int, max_len: int, form: 
         shutil.rmtree(out)
         old = None
     done = old["key"]["checkpoints"] if old is not None else {}
-    todo = [s for s in checkpoints if done.get(str(s)) != key["checkpoints"][str(s)] or not shard(out, s).is_file()]
+    todo = [s for s in checkpoints if done.get(str(s)) != key["checkpoints"][str(s)] or not shard_path(out, s).is_file()]
     vocab = read_json(checkpoints[min(checkpoints)] / "config.json")["vocab_size"]
     counts = answer_counts(items)
     n_tok, n_probe = sum(counts), sum(c for it, c in zip(items, counts) if it["id"] in settings["probe_ids"])
@@ -144,14 +144,14 @@ def build(out, teacher_dir, items: list[dict], pad_id: int, max_len: int, form: 
         tensors = checkpoint_tensors(model, items, pad_id, form, k, precision, set(settings["probe_ids"]),
                                      batch_size, device, dtype)
         del model
-        save_tensors(shard(out, step), tensors, {"step": str(step), "checkpoint": key["checkpoints"][str(step)]})
+        save_tensors(shard_path(out, step), tensors, {"step": str(step), "checkpoint": key["checkpoints"][str(step)]})
         manifest["key"]["checkpoints"][str(step)] = key["checkpoints"][str(step)]  # listed once its shard is whole
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return out
 
 
-def shard(root: Path, step: int) -> Path:
+def shard_path(root: Path, step: int) -> Path:
     return Path(root) / f"{checkpoint_name(step)}.safetensors"
 
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ class TeacherCache:
 
     def get(self, step: int) -> "CachedTeacher":
         """The teacher of checkpoint `step`, as distill.py asks its teacher source for it."""
-        return CachedTeacher(shard(self.root, step), self.form, self.manifest["vocab_size"])
+        return CachedTeacher(shard_path(self.root, step), self.form, self.manifest["vocab_size"])
 
     def probe(self, items: list[dict]) -> "CachedProbe":
         """SCD's probe log-probs, as schedule.ProbeCache gives them."""
@@ -287,7 +287,7 @@ def main(argv=None):
         raise UserError(f"{args.teacher}: no complete checkpoints (step_XXXXXX/ with meta.json); run sft.py first")
     steps = None if args.steps == "all" else checkpoint_steps(args.teacher, args.steps)
     tok_dir = Path(args.tokenizer or checkpoints[0][1])
-    schedule.check_same_vocab({f"--tokenizer {tok_dir}": tok_dir,
+    data.check_same_vocab({f"--tokenizer {tok_dir}": tok_dir,
                                **{f"--teacher {p_}": p_ for _, p_ in checkpoints}})
     tok = data.load_tokenizer(tok_dir)
     _, items = load_split(tok, args, "train", args.train_size)

@@ -114,10 +114,6 @@ def format_sfs_tfs(rows: dict[str, dict]) -> str:
 # the loss table
 
 
-def column_name(step: int) -> str:
-    return checkpoint_name(step)
-
-
 def save_losses(path, ids: list[str], columns: dict[str, torch.Tensor], meta: dict):
     """One (n,) fp32 tensor per model; ids and `meta` as JSON in the safetensors metadata."""
     save_tensors(path, {k: v.float() for k, v in columns.items()}, {"ids": json.dumps(ids), "meta": json.dumps(meta)})
@@ -302,7 +298,7 @@ def main(argv=None):
     ids = [it["id"] for it in items]
 
     columns = {}
-    runs = [(STUDENT, student_dir)] + [(column_name(s), Path(args.teacher) / checkpoint_name(s)) for s in steps]
+    runs = [(STUDENT, student_dir)] + [(checkpoint_name(s), Path(args.teacher) / checkpoint_name(s)) for s in steps]
     mine = list(range(runtime.rank(), len(items), runtime.world()))  # all of them in one process
     for name, path in runs:  # one model in memory at a time
         model = load_model(path, device=device)
@@ -326,7 +322,7 @@ def main(argv=None):
     for role in ("best", "final"):
         step = index[role]
         if step is not None and step in steps:
-            analysis[f"{role} (step {step})"] = sfs_tfs(ids, columns[STUDENT], columns[column_name(step)])
+            analysis[f"{role} (step {step})"] = sfs_tfs(ids, columns[STUDENT], columns[checkpoint_name(step)])
     print(format_sfs_tfs(analysis))
     atomic_write_text(out / "sfs_tfs.json", json.dumps(analysis, indent=2) + "\n")
     atomic_write_text(out / "config.json", json.dumps({**vars(args), "device": str(device),

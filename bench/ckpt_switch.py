@@ -134,8 +134,8 @@ def main():
     for i in torch.randint(1, len(batches), (3,), generator=rng).tolist():  # random batches, not the longest
         batch = data.collate([items[k] for k in batches[i]], tok.pad_id)
         t, stats = timed(lambda b=batch: distill.distill_step(student, ModelTeacher(teacher, device, a.dtype),
-                                                              lambda ids: l_stu[:len(ids)], KDTerm.of(args), [b], args,
-                                                              device))
+                                                              lambda ids: l_stu[:len(ids)], KDTerm.of(args), [b],
+                                                              args.alpha, device, a.dtype))
         train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
         t_step.append(t)
     step = statistics.median(t_step)

@@ -80,7 +80,7 @@ def main():
 
     def distill_step():
         stats = distill.distill_step(student, ModelTeacher(teacher, device, a.dtype), stu_sft, KDTerm.of(args), [batch],
-                                     args, device)
+                                     args.alpha, device, a.dtype)
         train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
 
     runs = {"reference": reference, "distill": distill_step}

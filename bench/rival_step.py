@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -55,8 +54,7 @@ def main():
     def step(name: str, on_policy: bool = False):
         def run():
             micro = sampler([batch], student, 0) if on_policy else [batch]
-            args = SimpleNamespace(alpha=alpha[name], dtype=a.dtype)
-            stats = distill.distill_step(student, teacher, None, terms[name], micro, args, device)
+            stats = distill.distill_step(student, teacher, None, terms[name], micro, alpha[name], device, a.dtype)
             terms[name].update(stats["kd"], 0)
             train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
         return run

@@ -144,7 +144,7 @@ def test_aw_weights_come_from_the_teacher_logits_of_the_kd_term(runs, tokenizer_
     batch = data.collate(items, tok.pad_id)
     args = SimpleNamespace(alpha=0.5, beta=0.5, lam=0.1, loss="fkl", temperature=1.0, dtype="fp32")
     stats = distill.distill_step(student, ModelTeacher(teacher, torch.device("cpu"), "fp32"), lambda ids: l_stu,
-                                 KDTerm.of(args), [batch], args, torch.device("cpu"))
+                                 KDTerm.of(args), [batch], args.alpha, torch.device("cpu"), "fp32")
     l_ckpt = weights.sample_losses(teacher, items, tok.pad_id, 3, torch.device("cpu"))
     assert stats["w"] == pytest.approx(float((l_stu / (l_stu + l_ckpt)).mean()), rel=1e-5)
 
@@ -494,9 +494,9 @@ def dynamic_run(runs, module_tmp):
     seen = []
     real = distill.distill_step
 
-    def spy(student, teacher, anchor, kd_term, micro, args, device):
+    def spy(student, teacher, anchor, kd_term, micro, *rest):
         seen.append({i: float(v) for b in micro for i, v in zip(b["ids"], anchor(b["ids"]))})
-        return real(student, teacher, anchor, kd_term, micro, args, device)
+        return real(student, teacher, anchor, kd_term, micro, *rest)
 
     distill.distill_step = spy
     try:
@@ -639,9 +639,9 @@ def test_on_policy_rate_0_is_off_policy_jsd_and_rate_1_trains_on_samples(runs, t
     seen = []
     real = distill.distill_step
 
-    def spy(student, teacher, anchor, kd_term, micro, args, device):
+    def spy(student, teacher, anchor, kd_term, micro, *rest):
         seen.append(micro)
-        return real(student, teacher, anchor, kd_term, micro, args, device)
+        return real(student, teacher, anchor, kd_term, micro, *rest)
 
     monkeypatch.setattr(distill, "distill_step", spy)
     distill.main(argv(runs, tmp_path / "on", *GKD, "--on-policy", "1", "--max-new-tokens", "6"))

@@ -140,7 +140,7 @@ def real_step(student, teacher, micro, l_stu: dict, args, monkeypatch):
     monkeypatch.setattr(distill, "aw_weight", aw_spy)
     lookup = (lambda ids: torch.tensor([l_stu[i] for i in ids])) if args.aw else None
     stats = distill.distill_step(model, ModelTeacher(teacher, torch.device("cpu"), args.dtype), lookup, kd_spy, micro,
-                                 args, torch.device("cpu"))
+                                 args.alpha, torch.device("cpu"), args.dtype)
     monkeypatch.setattr(distill, "answer_hidden", real_hidden)
     monkeypatch.setattr(distill, "aw_weight", real_aw)
     per_sample = seen["w"] if args.aw else [torch.full((int(r.max()) + 1,), args.alpha, dtype=torch.float64)

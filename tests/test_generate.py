@@ -117,9 +117,10 @@ def test_sampling_respects_top_p(tmp_path):
 
 
 def token_stop(newline: int) -> RepeatStop:
-    """A RepeatStop over the tiny models' 97 ids: `newline` ends a line, a line's text is its ids."""
+    """A RepeatStop over the tiny models' 97 ids: `newline` decodes to a line break, every other id to its number."""
     stop = RepeatStop.__new__(RepeatStop)
-    stop.decode, stop.stopped = lambda ids: " ".join(map(str, ids)), 0
+    stop.decode = lambda ids: " ".join("\n" if i == newline else str(i) for i in ids)
+    stop.stopped = 0
     stop.newline_ids = torch.tensor([newline])
     return stop
 
@@ -138,6 +139,23 @@ def test_repeat_stop_cut_is_cut_repeats_on_text(tokenizer_dir):
             assert cut is None and data.cut_repeats(text) == text
         else:
             assert tok.decode(tokens[:cut]).strip() == want == data.cut_repeats(text)
+
+
+def test_repeat_stop_with_line_breaks_glued_to_text():
+    """Llama-3's vocabulary has tokens like ".\n" and ")\n": the line they end keeps its punctuation, so a line is
+    compared as cut_repeats reads it, and the stop still falls on the token boundary."""
+    pieces = {1: "cancer", 2: ".\n", 3: "tumour", 4: " (Disease)\n", 5: "\n"}
+    stop = RepeatStop.__new__(RepeatStop)
+    stop.decode = lambda ids: "".join(pieces[i] for i in ids)
+    stop.newline_ids, stop.stopped = torch.tensor([2, 4, 5]), 0
+    tokens = [1, 2, 3, 4, 1, 4, 1, 2, 3, 4]  # "cancer." / "tumour (Disease)" / "cancer (Disease)" / "cancer." ...
+    assert stop.cut(tokens) == 6 and stop.decode(tokens[:6]).strip() == data.cut_repeats(stop.decode(tokens))
+    assert stop.cut([1, 2, 5, 1, 4]) is None  # "cancer." then "cancer (Disease)": two lines, no repeat
+    glued = {**pieces, 6: "\na\n", 7: "a"}  # the repeat begins inside a token: the decoder goes on, the text rule
+    stop.decode = lambda ids: "".join(glued[i] for i in ids)  # cuts the answer afterwards
+    stop.newline_ids = torch.tensor([2, 4, 5, 6])
+    assert stop.cut([7, 6]) is None and data.cut_repeats("a\na\n") == "a"
+    assert stop.cut([7, 5, 6]) == 2  # "a", then "a" again in a token that also ends it: cut after the first
 
 
 @pytest.mark.parametrize("lookahead", [0, 4])

@@ -58,9 +58,17 @@ def test_an_id_resolves_to_its_snapshot_single_and_sharded(cache, tiny_model_dir
 
 
 def test_missing_offline_and_gated_models_are_one_line(cache, monkeypatch):
-    with pytest.raises(UserError, match=r"--model acme/missing: not a directory, and not in the Hugging Face cache .*"
+    with pytest.raises(UserError, match=r"--model acme/missing: not a directory, and not \(whole\) in the Hugging Face .*"
                                         r"HF_HUB_OFFLINE=1; download it first"):
         hub.resolve("acme/missing", "--model")
+    # a snapshot a partial download left (a config alone) is no model: offline, it is refused the same way
+    partial = cache / "models--acme--partial" / "snapshots" / COMMIT
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")
+    (cache / "models--acme--partial" / "refs").mkdir()
+    (cache / "models--acme--partial" / "refs" / "main").write_text(COMMIT)
+    with pytest.raises(UserError, match=r"--init acme/partial: not a directory, and not \(whole\) in the Hugging Face"):
+        hub.resolve("acme/partial", "--init")
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError
 
