@@ -40,7 +40,7 @@ def distill_step(student, teacher, anchor, kd_term, micro_batches: list[dict], a
                  dtype: str) -> dict:
     """Gradients of one optimiser step, the paper's objective over the micro-batches' N answer tokens j:
 
-        L = (1/N) Σ_j [w_s·KD_j + (1 − w_s)·CE_j],   w_s = σ(log L_stuSFT(s) − log L_ckpt(s)) for token j's sample s
+        L = (1/N) Σ_j [w_s·KD_j + (1 − w_s)·CE_j],   w_s = σ(log L_stuSFT(s) − log L_ckpt(s)),  s token j's sample
 
     KD_j is the divergence (--loss) of the student from the teacher at token j and CE_j the student's gold CE;
     L_ckpt is the token-mean CE of the very teacher the KD term uses. Without AW (anchor None) w_s = alpha.
@@ -134,7 +134,7 @@ def flag_parser() -> argparse.ArgumentParser:
     a("--val-metric", action="store_true",
       help="after every stage, score the student on the validation split by the task metric and keep the best "
            "stage as best/ (the paper's checkpoint selection); the final evaluation then scores best/ too")
-    a("--probe-size", type=int, default=32, help="training examples in SCD's probe set")
+    a("--probe-size", type=int, default=schedule.PROBE_SIZE, help="training examples in SCD's probe set")
     a("--probe-cache", default="runs/probe_cache",
       help="dir of the teacher checkpoints' probe log-probs, shared by runs (keyed by content)")
     a("--teacher-sharding", choices=["shard", "replicate"], default="shard",

@@ -80,7 +80,6 @@ QUICK_SIZES = {"train_size": 16, "max_len": 128}  # as in the quick flags above
 QUICK_MAX_NEW = 8  # the quick preset's generation cap, for tasks that generate their answers
 QUICK_DISTILL = ["--stages", "2"]
 QUICK_PROBE = ["--probe-size", "8"]  # SCD variants only
-PROBE_SIZE = 32  # distill.py's default --probe-size
 # the paper's protocol (--protocol paper): every trained row gets 10 epochs over the training examples from the model
 # it starts from, and is reported at the best of 5 checkpoints (every 2 epochs) by the validation task metric, beside
 # its final one. The short protocol: the SFT student's 3 epochs, distillation in the same budget, final checkpoints.
@@ -216,7 +215,7 @@ def metric1_by_spacing(root: Path, args, runs: dict[str, Path], tok, sizes: dict
     sft_args = argparse.Namespace(task=args.task, data=args.data, data_dir=args.data_dir, metric=args.metric,
                                   max_len=sizes["max_len"], refuse_long=False)
     _, items = train.load_split(tok, sft_args, "train", sizes["train_size"])
-    probe = schedule.probe_items(items, int(QUICK_PROBE[1] if args.quick else PROBE_SIZE), 0)
+    probe = schedule.probe_items(items, int(QUICK_PROBE[1] if args.quick else schedule.PROBE_SIZE), 0)
     for spacing, run in runs.items():
         if spacing in out:
             continue
@@ -440,8 +439,7 @@ def heal_and_check(ex: Experiment):
     args, student_dir = ex.args, ex.models / "student"
     if not args.quick and not (student_dir / "config.json").exists():
         heal_run = Path(args.out) / "heal"
-        resumable = checkpoints.latest_resumable(heal_run)
-        flags = ["--resume"] if resumable else (["--overwrite"] if heal_run.exists() else [])
+        flags = run_flags(heal_run, False, checkpoints.latest_resumable(heal_run) is not None)
         ex.timer.run("heal student", heal.main, [
             "--teacher", str(ex.models / "teacher"), "--export", str(student_dir), "--out", str(heal_run),
             "--device", str(ex.device), *(["--data-dir", args.data_dir] if args.data_dir and not args.data else []),
@@ -497,7 +495,7 @@ def cache_flags(ex: Experiment) -> tuple[str, ...]:
         ex.cache = ()
         return ex.cache
     cache_dir = ex.root / "teacher_cache"
-    probe_size = QUICK_PROBE[1] if args.quick else str(PROBE_SIZE)
+    probe_size = QUICK_PROBE[1] if args.quick else str(schedule.PROBE_SIZE)
     build = [teacher_cache.main, ["--teacher", str(ex.teacher_run), "--out", str(cache_dir), "--tokenizer",
                                   str(ex.models / "student"), "--form", args.teacher_cache, "--top-k",
                                   str(args.top_k), "--precision", args.cache_precision, "--seeds",
@@ -527,8 +525,8 @@ def other_spacings(ex: Experiment):
             ex.timer.run(f"teacher SFT {spacing}", sft.main, [
                 "--role", "teacher", "--model", str(ex.models / "teacher"), "--out", str(runs[spacing]), *ex.common,
                 *ex.quick_eval, "--spacing", spacing, *count, *(QUICK_STUDENT if args.quick else []), *flags])
-    ex.results["footsteps"] = metric1_by_spacing(ex.root, args, runs, data.load_tokenizer(ex.models / "teacher"), ex.sizes,
-                                        ex.device)
+    tok = data.load_tokenizer(ex.models / "teacher")
+    ex.results["footsteps"] = metric1_by_spacing(ex.root, args, runs, tok, ex.sizes, ex.device)
 
 
 def student_sft(ex: Experiment, seed: int) -> Student:

@@ -137,6 +137,11 @@ class TopK(NamedTuple):
     vocab_size: int
 
 
+def tail_log_mass(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v ∉ indices} p_v per row (n,), from the other tokens' own log-probs (1 − Σ top-k would cancel)."""
+    return torch.logsumexp(logp.scatter(-1, indices, float("-inf")), -1)
+
+
 def bucket_log_probs(logq: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Collapse log-probs (n, V) into k + 1 buckets (n, k + 1): the tokens `indices` (n, k), then one bucket for all
     the others, log Σ_{v ∉ top-k} q_v (computed from their own log-probs, not as 1 − Σ top-k). With k = V there is
@@ -144,8 +149,7 @@ def bucket_log_probs(logq: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     top = logq.gather(-1, indices)
     if indices.shape[-1] >= logq.shape[-1]:
         return top
-    rest = logq.scatter(-1, indices, float("-inf"))
-    return torch.cat([top, torch.logsumexp(rest, -1, keepdim=True)], -1)
+    return torch.cat([top, tail_log_mass(logq, indices)[:, None]], -1)
 
 
 def teacher_buckets(values: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float = 1.0):

@@ -487,7 +487,8 @@ def protocol_note(results: dict, rows: list[tuple[str, str]], metric: str) -> li
              "epochs), and is reported at the best of its 5 checkpoints (every 2 epochs) by the validation "
              f"{metric}; the SFT student's best is AW's reference and the from-SFT variants' start, and the learning "
              "rate search and the SFS/TFS losses read the same checkpoints. The teacher is its SFT run's final "
-             "checkpoint in both protocols (its run is the footsteps SCD walks). The final checkpoints scored:", "", f"| model | {metric}, final checkpoint | per seed |", "|---|---|---|"]
+             "checkpoint in both protocols (its run is the footsteps SCD walks). The final checkpoints scored:", "",
+             f"| model | {metric}, final checkpoint | per seed |", "|---|---|---|"]
     final = results.get("main_final", {})
     lines += [f"| {label} | {mean_std(final[key])} | {', '.join(f'{v:.4f}' for v in final[key])} |"
               for label, key in rows if key in final]

@@ -43,6 +43,7 @@ from runtime import UserError, read_json, run_cli, save_tensors
 from train import answer_batches, load_split
 
 SCHEDULES = ("scd", "cd", "td")
+PROBE_SIZE = 32  # training examples in SCD's probe set, unless --probe-size says otherwise
 BALANCES = ("none", "spread", "weight")  # how Metric 2 is weighed against Metric 1 (none: the paper's plain sum)
 
 # -----------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def main(argv=None):
     p.add_argument("--teacher", default="runs/teacher", help="teacher SFT run dir holding step_XXXXXX checkpoints")
     p.add_argument("--student", default="models/student",
                    help="student model dir (HF layout) or Hugging Face id to score against")
-    p.add_argument("--probe-size", type=int, default=32, help="training examples in the probe set")
+    p.add_argument("--probe-size", type=int, default=PROBE_SIZE, help="training examples in the probe set")
     p.add_argument("--probe-cache", default="runs/probe_cache", help="dir of the teacher probe log-prob cache")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe draw (distill.py uses its --seed)")
     p.add_argument("--metric1-only", action="store_true",

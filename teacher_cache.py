@@ -35,7 +35,7 @@ import runtime
 import schedule
 from checkpoints import checkpoint_name, checkpoint_steps, items_fingerprint, list_checkpoints, model_fingerprint
 from flags import add_scoring_args, resolve_scoring_args
-from losses import TopK
+from losses import TopK, tail_log_mass
 from model import load_model
 from runtime import UserError, atomic_write_text, read_json, run_cli, save_tensors
 from train import answer_batches, load_split
@@ -75,8 +75,7 @@ def top_k(logp: torch.Tensor, k: int, precision: str = "fp16"):
     """fp32 log-probs (N, V) -> the k largest, rounded to `precision` (N, k), their token ids (N, k) int32, and the
     log of the remaining mass (N,) fp32, summed from the other tokens' own log-probs (1 − Σ top-k would cancel)."""
     values, indices = logp.topk(min(k, logp.shape[-1]), -1)
-    tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), -1)
-    return values.to(PRECISIONS[precision]), indices.int(), tail
+    return values.to(PRECISIONS[precision]), indices.int(), tail_log_mass(logp, indices)
 
 
 def checkpoint_tensors(model, items: list[dict], pad_id: int, form: str, k: int, precision: str, probe_ids: set,
@@ -128,7 +127,8 @@ def build(out, teacher_dir, items: list[dict], pad_id: int, max_len: int, form: 
         shutil.rmtree(out)
         old = None
     done = old["key"]["checkpoints"] if old is not None else {}
-    todo = [s for s in checkpoints if done.get(str(s)) != key["checkpoints"][str(s)] or not shard_path(out, s).is_file()]
+    todo = [s for s in checkpoints
+            if done.get(str(s)) != key["checkpoints"][str(s)] or not shard_path(out, s).is_file()]
     vocab = read_json(checkpoints[min(checkpoints)] / "config.json")["vocab_size"]
     counts = answer_counts(items)
     n_tok, n_probe = sum(counts), sum(c for it, c in zip(items, counts) if it["id"] in settings["probe_ids"])
@@ -268,8 +268,9 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=DEFAULT_K, help="k of --form topk")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16",
                    help="on-disk dtype of the log-probs (gold log-probs and tail masses are always fp32)")
-    p.add_argument("--probe-size", type=int, default=32, help="distill.py's --probe-size: a top-k cache keeps the "
-                                                              "full log-probs of these probe examples for SCD")
+    p.add_argument("--probe-size", type=int, default=schedule.PROBE_SIZE,
+                   help="distill.py's --probe-size: a top-k cache keeps the full log-probs of these probe examples "
+                        "for SCD")
     p.add_argument("--seeds", default="0", help="comma-separated --seed values of the distill runs (their probe sets)")
     p.add_argument("--tokenizer", default=None, help="model dir whose tokenizer encodes the data, as distill.py's "
                                                      "--init (default: the first teacher checkpoint)")

@@ -103,7 +103,8 @@ def main():
 
     def step(source):
         def run():
-            stats = distill.distill_step(student, source, stu_sft, KDTerm.of(args), [batch], args.alpha, device, a.dtype)
+            stats = distill.distill_step(student, source, stu_sft, KDTerm.of(args), [batch], args.alpha, device,
+                                         a.dtype)
             train.apply_update(optimizer, 1e-6, 0, stats["loss"], stats["grad_norm"])
         return run
 

@@ -110,7 +110,8 @@ def test_distill_step_on_cuda_equals_the_cpu_step(models, aw):
     args = SimpleNamespace(aw=aw, alpha=0.5, beta=0.5, lam=0.1, dtype="fp32", loss="fkl", temperature=1.0)
     cpu = copy.deepcopy(student)
     gpu = copy.deepcopy(student).to(CUDA)
-    ref = distill.distill_step(cpu, ModelTeacher(teacher, CPU, "fp32"), lookup, KDTerm.of(args), micro, args.alpha, CPU, "fp32")
+    ref = distill.distill_step(cpu, ModelTeacher(teacher, CPU, "fp32"), lookup, KDTerm.of(args), micro, args.alpha, CPU,
+                               "fp32")
     out = distill.distill_step(gpu, ModelTeacher(copy.deepcopy(teacher).to(CUDA), CUDA, "fp32"), lookup,
                                KDTerm.of(args), micro, args.alpha, CUDA, "fp32")
     for k in ("loss", "kd", "ce", "w", "grad_norm"):

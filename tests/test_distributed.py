@@ -88,7 +88,8 @@ def test_two_ranks_give_the_losses_and_weights_of_one_process_at_twice_the_batch
         assert x["step"] == y["step"] and x["tokens_seen"] == y["tokens_seen"]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
                                                                                                    rel=1e-4)
-    assert checkpoints.read_checkpoint_index(one)["steps"] == checkpoints.read_checkpoint_index(two)["steps"] == [3, 6, 9, 12]
+    steps = [checkpoints.read_checkpoint_index(run)["steps"] for run in (one, two)]
+    assert steps[0] == steps[1] == [3, 6, 9, 12]
     for step in (6, 12):
         assert_same_weights(one / checkpoints.checkpoint_name(step) / "model.safetensors",
                             two / checkpoints.checkpoint_name(step) / "model.safetensors")

@@ -58,7 +58,7 @@ def test_an_id_resolves_to_its_snapshot_single_and_sharded(cache, tiny_model_dir
 
 
 def test_missing_offline_and_gated_models_are_one_line(cache, monkeypatch):
-    with pytest.raises(UserError, match=r"--model acme/missing: not a directory, and not \(whole\) in the Hugging Face .*"
+    with pytest.raises(UserError, match=r"--model acme/missing: not a directory, and not \(whole\) in the Hugging .*"
                                         r"HF_HUB_OFFLINE=1; download it first"):
         hub.resolve("acme/missing", "--model")
     # a snapshot a partial download left (a config alone) is no model: offline, it is refused the same way

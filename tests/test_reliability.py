@@ -273,7 +273,8 @@ def test_the_import_graph_reads_one_way():
     experiment over all: every module imports only from the layers below its own."""
     import ast
 
-    layers = [{"runtime", "losses"}, {"model", "data", "footsteps", "hub"}, {"generate", "checkpoints", "train", "flags"},
+    layers = [{"runtime", "losses"}, {"model", "data", "footsteps", "hub"},
+              {"generate", "checkpoints", "train", "flags"},
               {"evaluate", "prepare"}, {"sft"}, {"weights"}, {"schedule"}, {"teacher_cache", "teachers", "on_policy"},
               {"distill_run"}, {"distill"}, {"heal"}, {"report"}, {"experiment", "rescore"}]
     assert {p.stem for p in ROOT.glob("*.py")} == set().union(*layers)  # every module has its place

@@ -286,7 +286,8 @@ def test_scd_on_hand_built_checkpoints(tmp_path, tokenizer_dir):
     cache = schedule.ProbeCache(tmp_path / "cache", probe, checkpoints.list_checkpoints(run), "fp32", "cpu", tok.files)
     cache.build(tok.pad_id, 4)
     student = models[1]
-    chosen, record = select(Scheduler("scd", index, 1, cache), 0, 0, lambda: schedule.probe_logprobs(student, probe, tok.pad_id, 4, torch.device("cpu")))
+    student_logp = lambda: schedule.probe_logprobs(student, probe, tok.pad_id, 4, torch.device("cpu"))  # noqa: E731
+    chosen, record = select(Scheduler("scd", index, 1, cache), 0, 0, student_logp)
     assert chosen == 2 == min(sums, key=sums.get)
     rows = {c["ckpt"]: c for c in record["candidates"]}
     for s in ref:
@@ -358,8 +359,9 @@ def test_scheduler_records_the_balance_and_default_record_is_unchanged():
     assert [(c["metric1"], c["metric2"]) for c in rec["candidates"]] == \
         [(c["metric1"], c["metric2"]) for c in plain["candidates"]]
     # a huge Metric 2 weight makes SCD follow the student (checkpoint 100 sits on it), a zero weight the best
-    assert select(Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=100.0), 0, 0, lambda: logp(a))[0] == 100
-    assert select(Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=0.0), 0, 0, lambda: logp(a))[0] == 300
+    for weight, chosen in ((100.0, 100), (0.0, 300)):
+        sched = Scheduler("scd", index, 3, FakeCache(table), balance="weight", metric2_weight=weight)
+        assert select(sched, 0, 0, lambda: logp(a))[0] == chosen
 
 
 def test_forward_only_never_goes_back():

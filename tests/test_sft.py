@@ -323,7 +323,8 @@ def test_spacing_rules_by_hand():
 def test_geometric_spacing_run(tiny_model_dir, tmp_path):
     out = tmp_path / "geo"
     run_sft(tiny_model_dir, out, "--epochs", "4", "--spacing", "geometric", "--checkpoints", "4")  # 16 steps
-    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4, 8, 16]  # 16^(1/4) = 2, 16^(1/2) = 4, 16^(3/4) = 8
+    # 16^(1/4) = 2, 16^(1/2) = 4, 16^(3/4) = 8
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4, 8, 16]
     index = json.loads((out / "checkpoints.json").read_text())
     assert index["steps"] == [2, 4, 8, 16] and index["final"] == 16 and index["spacing"] == "geometric"
     with pytest.raises(UserError, match="--save-every: places even checkpoints; --spacing geometric"):
@@ -345,9 +346,8 @@ def test_val_loss_spacing_run(tiny_model_dir, tmp_path):
     # the start's loss is the untrained model's, scored independently here
     tok = data.load_tokenizer(tiny_model_dir)
     val, _ = data.encode_split(tok, data.load_examples("ncbi_disease", "val", limit=4, seed=0), 160)
-    assert curve[0] == pytest.approx(train.eval_loss(load_model(tiny_model_dir), val, tok.pad_id, 4, torch.device("cpu"),
-                                                  "fp32"),
-                                     rel=1e-5)
+    start = train.eval_loss(load_model(tiny_model_dir), val, tok.pad_id, 4, torch.device("cpu"), "fp32")
+    assert curve[0] == pytest.approx(start, rel=1e-5)
     # the footsteps, found here from the logged curve: the first step at or below each third of the drop
     l0, lmin = curve[0], min(v for s, v in curve.items() if s)
     assert lmin < l0
@@ -382,7 +382,8 @@ def test_val_loss_spacing_resumes_to_the_same_footsteps(tiny_model_dir, tmp_path
     a, b = (json.loads((tmp_path / r / "checkpoints.json").read_text()) for r in ("straight", "resumed"))
     assert a == b and a["steps"][-1] == 8 and len(a["val_curve"]) == 5  # step 0 (logged once) and 2, 4, 6, 8
     for s in a["steps"]:
-        x, y = (load_file(tmp_path / r / checkpoints.checkpoint_name(s) / "model.safetensors") for r in ("straight", "resumed"))
+        x, y = (load_file(tmp_path / r / checkpoints.checkpoint_name(s) / "model.safetensors")
+                for r in ("straight", "resumed"))
         assert all(torch.equal(x[k], y[k]) for k in x)
 
 
