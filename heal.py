@@ -233,21 +233,30 @@ def measure_and_choose(teacher, corpus: torch.Tensor, args, device) -> tuple[lis
     return choose_layers(args.prune, teacher.args.n_layers, args.layers, states)
 
 
-def heal(args) -> Path:
-    device = runtime.resolve_device(args.device)
-    args.dtype = runtime.resolve_dtype(args.dtype, device)
+def check_export(args):
     export_dir = Path(args.export) if args.export else None
     if export_dir and export_dir.exists() and not (export_dir / "heal.json").exists() and not args.overwrite:
         raise UserError(f"--export {export_dir}: exists and was not made by heal.py (no heal.json); move it away or "
                         "pass --overwrite to replace it")
+
+
+def run_config(args, device, corpus: torch.Tensor, held_out: torch.Tensor) -> dict:
+    """The resolved flags and the content of every input, so --resume refuses a retrained teacher or changed text
+    by name."""
+    return {**vars(args), "device": str(device),
+            "inputs": {"teacher": model_fingerprint(args.teacher),
+                       "corpus": hashlib.sha256(corpus.numpy().tobytes()).hexdigest()[:16],
+                       "held_out": hashlib.sha256(held_out.numpy().tobytes()).hexdigest()[:16]}}
+
+
+def heal(args) -> Path:
+    device = runtime.resolve_device(args.device)
+    args.dtype = runtime.resolve_dtype(args.dtype, device)
+    check_export(args)
     runtime.seed_everything(args.seed)
     tok = data.load_tokenizer(args.teacher)
     texts, corpus, held_out = load_corpus(tok, args)
-    # the content of every input, so --resume refuses a retrained teacher or changed text by name
-    config = {**vars(args), "device": str(device),
-              "inputs": {"teacher": model_fingerprint(args.teacher),
-                         "corpus": hashlib.sha256(corpus.numpy().tobytes()).hexdigest()[:16],
-                         "held_out": hashlib.sha256(held_out.numpy().tobytes()).hexdigest()[:16]}}
+    config = run_config(args, device, corpus, held_out)
     teacher = load_model(args.teacher, device=device).requires_grad_(False).eval()
     kept, scores = measure_and_choose(teacher, corpus, args, device)
     out = prepare_out_dir(args.out, config, args.resume, args.overwrite)  # only once all inputs are good

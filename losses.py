@@ -264,7 +264,7 @@ class KDTerm:
         return self.fixed
 
     def update(self, kd: float, step: int):
-        pass
+        """After each step, with its mean divergence: a fixed divergence has nothing to adapt (TAID's t does)."""
 
     def logged(self) -> dict:
         """What metrics.jsonl shows of the term at this step, beside the losses."""
@@ -274,7 +274,7 @@ class KDTerm:
         return {}
 
     def load(self, state: dict):
-        pass
+        """Restore state() on resume: a fixed divergence has none."""
 
 
 class TAIDTerm(KDTerm):
