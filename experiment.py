@@ -242,6 +242,8 @@ def flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=data.METRICS, default=None,
                    help="how --task jsonl is scored when its files do not say (see data.py)")
     p.add_argument("--seeds", type=int, default=1, help="students per variant (seeds 0..N-1); one teacher")
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds K..N-1 only: more seeds for a set whose "
+                   "first ones ran elsewhere (pool the reports with python rescore.py --pool)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="sizes of every stage")
     p.add_argument("--quick", action="store_true", help="tiny random models with the real tokenizer and data: "
                                                         "the whole pipeline in small (smoke test)")
@@ -307,6 +309,8 @@ def parse_flags(argv) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or args.seeds < 1:
         raise UserError(f"--variants {unknown[0]!r}: unknown" if unknown else "--seeds must be at least 1")
+    if not 0 <= args.first_seed < args.seeds:
+        raise UserError(f"--first-seed {args.first_seed}: expected 0 to --seeds - 1 ({args.seeds - 1})")
     for v in list(args.variants):  # a changed choice is measured against the paper's SCD+AW from the same start
         if paper_variant(v) and paper_variant(v) not in args.variants:
             args.variants.insert(args.variants.index(v), paper_variant(v))
@@ -398,7 +402,7 @@ def setup(args: argparse.Namespace, argv) -> Experiment:
     sizes = QUICK_SIZES if args.quick else {k: TRAIN_PRESETS[args.preset][k] for k in QUICK_SIZES}
     device = runtime.resolve_device(args.device)
     args.dtype = "fp32" if args.quick else runtime.resolve_dtype("auto", device)  # as sft.py's presets
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.seeds))
     command = shlex.join(["python", "experiment.py", *(sys.argv[1:] if argv is None else argv)])
 
     name = f"jsonl_{Path(args.test_file).stem.removesuffix('.test').removesuffix('_test')}" if args.test_file \

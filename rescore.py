@@ -12,6 +12,14 @@ has nothing to cut.
 A dir that re-ran a few models of a larger run holds only their predictions; a model missing there is read from the
 nearest results dir above it that has it, and only when it has as many answers, of the strict F1, as this dir's
 results.json records.
+
+    python rescore.py --pool OUT DIR DIR [...]
+
+pools results dirs of one experiment made by several invocations (other seeds, experiment.py --first-seed, or other
+variants, on another day) into one report, OUT/pooled.md and pooled.json. Their experiment.json settings must be the
+same (the models' fingerprints among them), and a model two dirs share (the teacher, a seed's SFT student) must have
+given the same answers in both: the proof that they hold one experiment's models. Each comparison pairs the seeds
+both its models have.
 """
 
 import argparse
@@ -19,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+import checkpoints
 import report
 from runtime import UserError, atomic_write_text, read_json, run_cli
 
@@ -99,11 +108,114 @@ def stopped_md(root: Path, out: dict) -> list[str]:
                                                                                           "entity F1")
 
 
+def read_dirs(dirs: list[Path]) -> tuple[dict, dict, dict, dict]:
+    """Every model's prediction rows and files by seed (None: one run for all seeds) over the results dirs, checked
+    to be one experiment's; and the first dir's results.json and experiment.json."""
+    rows, files, first = {}, {}, None
+    for root in dirs:
+        results, settings = read_json(root / "results.json"), read_json(root / "experiment.json")
+        if first is None:
+            first = (root, results, settings, {})  # the last: the learning rate chosen per start
+        elif diff := checkpoints.config_diff(first[2], settings) or checkpoints.config_diff(settings, first[2]):
+            raise UserError(f"{root / 'experiment.json'} has {diff[0]}={diff[2]!r} where {first[0] / 'experiment.json'}"
+                            f" has {diff[1]!r}: not one experiment's runs, so not pooled")
+        lrs = {start: s["chosen"] for start, s in results.get("lr_search", {}).items()}
+        for start, lr in lrs.items():  # a grid searched again on another first seed may choose another rate
+            if lr != first[3].setdefault(start, lr):
+                raise UserError(f"{root / 'results.json'}: its distillations from the {start} student ran at lr {lr}"
+                                f", {first[0]}'s at {first[3][start]}: not pooled")
+        for key, recorded in results["main"].items():
+            seeds = results["seeds"] if key == "student_sft" or key in report.VARIANTS else [None]
+            found = read_model(root, key, recorded, seeds, results["n_test"]) if recorded else ([], [])
+            if found is None:
+                raise UserError(f"{root}: no predictions of {key} there or above it; pooling needs every model's")
+            for seed, r, path in zip(seeds, *found):
+                if seed in rows.setdefault(key, {}) and [x["pred"] for x in r] != [x["pred"] for x in rows[key][seed]]:
+                    raise UserError(f"{path}: answers other than {files[key][seed]}'s for the same model ({key}"
+                                    f"{'' if seed is None else f', seed {seed}'}): not one experiment's models")
+                rows[key].setdefault(seed, r)
+                files.setdefault(key, {}).setdefault(seed, path)
+    if len({tuple(x["id"] for x in r) for by_seed in rows.values() for r in by_seed.values()}) > 1:
+        raise UserError(f"{', '.join(map(str, dirs))}: their predictions cover different test examples")
+    return rows, files, first[1], first[2]
+
+
+def pooled_scores(rows: dict, pairs: dict[str, list]) -> tuple[dict, dict]:
+    """The F1 of every model per seed (in seed order), and the paired_bootstrap of each "a - b" of `pairs` over the
+    seeds it lists."""
+    counts = {key: {s: report.example_counts(r) for s, r in by_seed.items()} for key, by_seed in rows.items()}
+    main = {key: [float(report.f1_of_sums(c.sum(0))) for _, c in sorted(by_seed.items(), key=seed_order)]
+            for key, by_seed in counts.items()}
+    intervals = {}
+    for pair, seeds in pairs.items():
+        a, b = pair.split(" - ")
+        intervals[pair] = report.paired_bootstrap([counts[a][s] for s in seeds], [counts[b][s] for s in seeds])
+    return main, intervals
+
+
+def seed_order(item) -> int:
+    return -1 if item[0] is None else item[0]
+
+
+def pool(out: Path, dirs: list[Path]) -> str:
+    """Writes out/pooled.md and out/pooled.json from the results dirs `dirs`; returns the line to print."""
+    rows, files, results, settings = read_dirs(dirs)
+    seeds = {key: [s for s, _ in sorted(by_seed.items(), key=seed_order)] for key, by_seed in rows.items()}
+    pairs = {}  # each comparison on the seeds both its models have
+    for pair in report.comparison_pairs([v for v in report.VARIANTS if v in rows]):
+        a, b = pair.split(" - ")
+        if a in rows and b in rows and (common := [s for s in seeds[a] if s in rows[b]]):
+            pairs[pair] = common
+    both = results.get("metric") == "entity F1" and settings.get("decode", "strict") == "strict"
+    res = {"task": results["task"], "n_test": results["n_test"], "decode": "strict" if both else settings["decode"],
+           "seeds": seeds, "paired_seeds": pairs}
+    res["main"], res["intervals"] = pooled_scores(rows, pairs)
+    if both:  # the strict answers, and the same cut before their first repeated line
+        cut = {key: {s: report.cut_rows(r, results["task"]) for s, r in by_seed.items()}
+               for key, by_seed in rows.items()}
+        res["main_stopped"], res["intervals_stopped"] = pooled_scores(cut, pairs)
+        res["n_stopped"] = {key: [sum(len(a["pred"]) > len(b["pred"]) for a, b in zip(rows[key][s], cut[key][s]))
+                                  for s in seeds[key]] for key in rows}
+    res["files"] = {key: {str(s): os.path.relpath(f, out) for s, f in by_seed.items()}
+                    for key, by_seed in files.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "pooled.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out / "pooled.md", "\n".join(pooled_md(out, dirs, res, files, results["metric"])) + "\n")
+    return f"{out}: {len(rows)} models from {len(dirs)} results dirs, {len(pairs)} comparisons -> {out / 'pooled.md'}"
+
+
+def pooled_md(out: Path, dirs: list[Path], res: dict, files: dict, metric: str) -> list[str]:
+    """pooled.md: where each model's answers came from and on which seeds, then report.py's score and bootstrap
+    tables, each comparison on the seeds both its models have."""
+    rows = [r for r in report.model_rows([k for k in res["main"] if k in report.VARIANTS]) if r[1] in res["main"]]
+    names = {key: label for label, key in rows}
+    lines = [f"# Pooled results: {res['task']} ({out})", "",
+             f"`python rescore.py --pool {out} {' '.join(map(str, dirs))}`: results dirs of one experiment (the same "
+             "settings and models, checked) pooled; a model two of them share gave the same answers in each.", "",
+             "| model | seeds | from |", "|---|---|---|"]
+    for label, key in rows:
+        where = sorted({str(f.parent.parent) for f in files[key].values()})  # the results dir of predictions/
+        ids = ", ".join(str(s) for s in res["seeds"][key] if s is not None) or "one run"
+        lines.append(f"| {label} | {ids} | {', '.join(where)} |")
+    lines += ["", *report.score_table(res, rows, metric)]
+    lines += report.bootstrap_section(res, rows, sorted({s for ss in res["paired_seeds"].values() for s in ss}), metric)
+    lines += ["", "Seeds paired in each comparison: " + "; ".join(
+        f"{names.get(a, a)} − {names.get(b, b)}: {', '.join(map(str, ss))}"
+        for p, ss in res["paired_seeds"].items() for a, b in [p.split(" - ")]) + "."]
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", type=Path, help="results dirs that experiment.py wrote (OUT/TASK), e.g. "
                                                       "results/ncbi_disease")
-    for root in p.parse_args(argv).dirs:
+    p.add_argument("--pool", type=Path, default=None, metavar="OUT",
+                   help="pool the dirs (one experiment's, made by several invocations) into OUT/pooled.md instead")
+    args = p.parse_args(argv)
+    if args.pool is not None:
+        print(pool(args.pool, args.dirs))
+        return
+    for root in args.dirs:
         print(rescore(root))
 
 

@@ -492,6 +492,36 @@ def test_stale_settings_and_unhealed_student_are_refused(tmp_path, models_dir, t
             experiment.main(["--quick", "--out", str(tmp_path / "y"), "--spacings", f"geometric,{bad}"])
 
 
+def test_first_seed_adds_seeds_that_pool_with_the_first(tmp_path, models_dir):
+    """--seeds 2 --first-seed 1 runs seed 1 alone; pooled with a 1-seed invocation (rescore.py --pool), the teacher
+    both made gives the same answers, each seed's comparison is the one its own report made (the same bootstrap
+    draws), and the seed interval is the two seeds' t interval."""
+    import rescore
+    quick = ["--quick", "--models", str(models_dir), "--variants", "td", "--decode", "strict"]
+    experiment.main([*quick, "--out", str(tmp_path / "a")])
+    experiment.main([*quick, "--out", str(tmp_path / "b"), "--seeds", "2", "--first-seed", "1"])
+    a, b = (tmp_path / x / "ncbi_disease_quick" for x in "ab")
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (a, b))
+    assert (ra["seeds"], rb["seeds"]) == ([0], [1]) and not (b / "student_s0").exists() and (b / "td_s1").exists()
+    assert json.loads((b / "td_s1" / "config.json").read_text())["seed"] == 1
+    rescore.main(["--pool", str(tmp_path / "pooled"), str(a), str(b)])
+    pooled = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
+    assert pooled["main"]["teacher"] == ra["main"]["teacher"] == rb["main"]["teacher"]
+    for key in ("student_sft", "td"):
+        assert pooled["main"][key] == ra["main"][key] + rb["main"][key]
+        assert pooled["main_stopped"][key] == ra["main_stopped"][key] + rb["main_stopped"][key]
+    for scores in ("intervals", "intervals_stopped"):
+        got = pooled[scores]["td - student_sft"]
+        assert got["per_seed"] == [*ra[scores]["td - student_sft"]["per_seed"],
+                                   *rb[scores]["td - student_sft"]["per_seed"]]
+        diffs = [p["diff"] for p in got["per_seed"]]
+        half = 12.706 * abs(diffs[0] - diffs[1]) / 2  # t(0.975, 1) x their std (|d0 - d1| / sqrt 2) / sqrt 2
+        mean = sum(diffs) / 2
+        assert (got["seeds"]["lo"], got["seeds"]["hi"]) == pytest.approx((mean - half, mean + half), abs=1e-3)
+    with pytest.raises(UserError, match="--first-seed 2: expected 0 to --seeds - 1 \\(1\\)"):
+        experiment.main([*quick, "--out", str(tmp_path / "c"), "--seeds", "2", "--first-seed", "2"])
+
+
 def test_quick_experiment_paper_protocol(tmp_path, models_dir):
     """--protocol paper: the SFT student trains longer with several checkpoints and every distillation runs stages
     of whole epochs with --val-metric; each row is scored at its best checkpoint (by the validation metric) beside

@@ -80,3 +80,84 @@ def test_what_has_nothing_to_cut_is_skipped_in_one_line(tmp_path, capsys):
     assert not (labels / "stopped.md").exists() and not (empty / "stopped.md").exists()
     with pytest.raises(UserError, match="nowhere/results.json: file not found"):
         rescore.main([str(tmp_path / "nowhere")])
+
+
+# -----------------------------------------------------------------------------
+# --pool: one experiment's results dirs, made by several invocations, in one report
+
+
+def seeds_dir(root, seeds: list[int], preds: dict, settings: dict | None = None, lr: str = "1e-4"):
+    """A results dir of `seeds` holding preds' models (name -> answers per seed, or one answer list for a model run
+    once): results.json records their strict F1 as experiment.py would, experiment.json the settings."""
+    (root / "predictions").mkdir(parents=True)
+    main = {}
+    for key, answers in preds.items():
+        per_seed = isinstance(answers, dict)
+        for seed, pred in (answers.items() if per_seed else [(None, answers)]):
+            rows = [{"id": str(i), "gold": g, "pred": p} for i, (g, p) in enumerate(zip(GOLDS, pred))]
+            name = key if seed is None else f"{key}_s{seed}"
+            (root / "predictions" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            main.setdefault(key, []).append(float(report.f1_of_sums(report.example_counts(rows).sum(0))))
+    (root / "results.json").write_text(json.dumps({"task": "ncbi_disease", "seeds": seeds, "metric": "entity F1",
+                                                   "n_test": len(GOLDS), "main": main, "intervals": {},
+                                                   "lr_search": {"sft": {"chosen": lr}}}))
+    (root / "experiment.json").write_text(json.dumps(settings or {"task": "ncbi_disease", "decode": "strict",
+                                                                  "models": {"student": "abc"}}))
+    return root
+
+
+def test_pool_of_two_invocations_is_the_report_of_one(tmp_path, capsys):
+    """Seeds 0 and 1 made by two invocations and pooled give what one results dir of both seeds gives (rescore, whose
+    numbers the tests above check by hand): the same scores, stopped counts and intervals on both scores."""
+    seed = lambda s: {"student_sft": {s: PREDS[f"student_sft_s{s}"]}, "td": {s: PREDS[f"td_s{s}"]}}  # noqa: E731
+    a = seeds_dir(tmp_path / "a", [0], {"teacher": PREDS["teacher"], **seed(0)})
+    b = seeds_dir(tmp_path / "b", [1], {"teacher": PREDS["teacher"], **seed(1)})
+    rescore.main(["--pool", str(tmp_path / "pooled"), str(a), str(b)])
+    got = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
+    one = results_dir(tmp_path / "one", STRICT, PREDS)
+    rescore.main([str(one)])
+    want = json.loads((one / "stopped.json").read_text())
+    for key in ("main", "main_stopped", "n_stopped"):
+        assert got[key] == want[key], key
+    for key in ("intervals", "intervals_stopped"):
+        assert got[key]["student_sft - td"] == want[key]["student_sft - td"]
+        assert got[key]["td - student_sft"] == want[key]["td - student_sft"]
+    assert got["seeds"] == {"teacher": [None], "student_sft": [0, 1], "td": [0, 1]}
+    assert got["files"]["td"] == {"0": "../a/predictions/td_s0.jsonl", "1": "../b/predictions/td_s1.jsonl"}
+    md = (tmp_path / "pooled" / "pooled.md").read_text()
+    assert f"| TD | 0, 1 | {a}, {b} |" in md and f"| TD | {report.mean_std(STRICT['td'])} | " in md
+    assert "TD − student SFT: 0, 1" in md and "pooled.md" in capsys.readouterr().out
+
+
+def test_pool_pairs_each_comparison_on_the_seeds_both_models_have(tmp_path):
+    """A dir that added a variant on seed 1 only (and re-made seed 1's SFT student, with the same answers): that
+    variant is compared with the others on seed 1 alone, and TD with the SFT student on both seeds."""
+    a = seeds_dir(tmp_path / "a", [0, 1], {"student_sft": {0: PREDS["student_sft_s0"], 1: PREDS["student_sft_s1"]},
+                                           "td": {0: PREDS["td_s0"], 1: PREDS["td_s1"]}})
+    b = seeds_dir(tmp_path / "b", [1], {"student_sft": {1: PREDS["student_sft_s1"]}, "taid": {1: PREDS["teacher"]}})
+    rescore.main(["--pool", str(tmp_path / "p"), str(a), str(b)])
+    got = json.loads((tmp_path / "p" / "pooled.json").read_text())
+    assert got["paired_seeds"] == {"student_sft - td": [0, 1], "td - student_sft": [0, 1], "taid - td": [1],
+                                   "taid - student_sft": [1]}
+    assert got["intervals"]["taid - td"]["diff"] == pytest.approx(1.0 - 8 / 11)
+    assert got["intervals_stopped"]["taid - td"]["diff"] == pytest.approx(6 / 7 - 3 / 4)
+    assert "seeds" not in got["intervals"]["taid - td"] and "seeds" in got["intervals"]["td - student_sft"]
+
+
+def test_pool_refuses_what_is_not_one_experiment(tmp_path):
+    """Other settings, another learning rate, or a shared model whose answers differ: refused by name."""
+    a = seeds_dir(tmp_path / "a", [0], {"teacher": PREDS["teacher"], "td": {0: PREDS["td_s0"]}})
+    cases = {
+        "other_models": (dict(settings={"task": "ncbi_disease", "decode": "strict", "models": {"student": "xyz"}}),
+                         r"b/experiment.json has models.student='xyz' where .*a/experiment.json has 'abc'"),
+        "other_lr": (dict(lr="2e-4"), r"b/results.json: its distillations from the sft student ran at lr 2e-4, .*a's "
+                                      r"at 1e-4"),
+        "other_teacher": (dict(), r"b/predictions/teacher.jsonl: answers other than .*a/predictions/teacher.jsonl's "
+                                  r"for the same model \(teacher\)"),
+    }
+    for name, (kwargs, match) in cases.items():
+        b = seeds_dir(tmp_path / name / "b", [1], {"teacher": PREDS["td_s0"], "td": {1: PREDS["td_s1"]}}
+                      if name == "other_teacher" else {"td": {1: PREDS["td_s1"]}}, **kwargs)
+        with pytest.raises(UserError, match=match):
+            rescore.main(["--pool", str(tmp_path / name / "p"), str(a), str(b)])
+        assert not (tmp_path / name / "p").exists(), name
