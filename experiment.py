@@ -104,7 +104,7 @@ def check_settings(root: Path, settings: dict):
     path = root / "experiment.json"
     if path.exists():
         # settings a root does not record have their values from before the flags existed
-        old = {"decode": "strict", "protocol": "short", **read_json(path)}
+        old = {**report.SETTINGS_BEFORE, **read_json(path)}
         diff = checkpoints.config_diff(old, json.loads(json.dumps(settings)))
         if diff:
             key, old, new = diff
@@ -345,6 +345,12 @@ def parse_flags(argv) -> argparse.Namespace:
             setattr(args, key, [f"{float(x):g}" for x in grid.split(",") if x.strip()])
         except ValueError:
             raise UserError(f"--{key.replace('_', '-')} {grid!r}: expected comma-separated learning rates") from None
+    for key in ("lr_grid", "sft_lr_grid"):  # the search runs on the first seed: seed 0's rate is the one to give
+        if args.first_seed and len(getattr(args, key)) > 1 and (key == "lr_grid" or any(
+                v.endswith("_from_sft") for v in args.variants)):
+            flag = key.replace("_", "-")
+            raise UserError(f"--first-seed {args.first_seed}: the --{flag} search would run on seed "
+                            f"{args.first_seed}; give the rate seed 0's search chose as a one-rate --{flag}")
     return args
 
 
@@ -408,6 +414,10 @@ def setup(args: argparse.Namespace, argv) -> Experiment:
     name = f"jsonl_{Path(args.test_file).stem.removesuffix('.test').removesuffix('_test')}" if args.test_file \
         else args.task
     root = Path(args.out) / (f"{name}_quick" if args.quick else name)
+    earlier = [k for k in range(args.first_seed) if (root / f"student_s{k}").exists()]
+    if earlier:  # its report would leave them out, and the first seed's analysis is kept by model, not by seed
+        raise UserError(f"--first-seed {args.first_seed}: {root} holds seed {earlier[0]}'s runs; --seeds {args.seeds} "
+                        "without --first-seed continues it there, or give another --out")
     root.mkdir(parents=True, exist_ok=True)
     models = Path(args.models)
     if args.quick:  # tiny random teacher and student that carry the real tokenizer

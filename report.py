@@ -61,6 +61,8 @@ SCHEDULED = {"scd": "o-", "cd": "s--", "scd_aw": "^:",
              "scd_from_sft": "o-.", "cd_from_sft": "s-.", "scd_aw_from_sft": "v-.",
              **{v: "x:" for v in VARIANTS if v.startswith("scd_aw_") and v != "scd_aw_from_sft"}}
 BOOTSTRAP = 2000  # paired resamples of the test examples
+# experiment.json settings a root from before their flag existed lacks: the value every run had then
+SETTINGS_BEFORE = {"decode": "strict", "protocol": "short"}
 METRICS = {"choices": "accuracy", "entities": "entity F1", "exact": "exact match"}  # answer kind -> its score's name
 
 

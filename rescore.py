@@ -108,36 +108,52 @@ def stopped_md(root: Path, out: dict) -> list[str]:
                                                                                           "entity F1")
 
 
-def read_dirs(dirs: list[Path]) -> tuple[dict, dict, dict, dict]:
+POOL_FREE = ("lr_grid", "sft_lr_grid")  # settings a pool need not share: the rate each grid chose is compared
+
+
+def same_settings(a: dict, b: dict) -> tuple[str, object, object] | None:
+    """The first setting two experiment.json files differ in (key, a's, b's), a key one lacks included, the
+    settings from before their flag existed read as their value then; None when they hold one experiment."""
+    a, b = ({k: v for k, v in {**report.SETTINGS_BEFORE, **s}.items() if k not in POOL_FREE} for s in (a, b))
+    missing = sorted(a.keys() ^ b.keys())
+    if missing:
+        return missing[0], a.get(missing[0], "(none)"), b.get(missing[0], "(none)")
+    return checkpoints.config_diff(a, b)
+
+
+def read_dirs(dirs: list[Path]) -> tuple[dict, dict, dict, dict, dict]:
     """Every model's prediction rows and files by seed (None: one run for all seeds) over the results dirs, checked
-    to be one experiment's; and the first dir's results.json and experiment.json."""
-    rows, files, first = {}, {}, None
+    to be one experiment's; the answers a decoder with stopping ended, per model and seed, where the dirs decoded so;
+    and the first dir's results.json and experiment.json."""
+    rows, files, n_stopped, lrs, first = {}, {}, {}, {}, None
     for root in dirs:
         results, settings = read_json(root / "results.json"), read_json(root / "experiment.json")
         if first is None:
-            first = (root, results, settings, {})  # the last: the learning rate chosen per start
-        elif diff := checkpoints.config_diff(first[2], settings) or checkpoints.config_diff(settings, first[2]):
+            first = (root, results, settings)
+        elif diff := same_settings(first[2], settings):
             raise UserError(f"{root / 'experiment.json'} has {diff[0]}={diff[2]!r} where {first[0] / 'experiment.json'}"
                             f" has {diff[1]!r}: not one experiment's runs, so not pooled")
-        lrs = {start: s["chosen"] for start, s in results.get("lr_search", {}).items()}
-        for start, lr in lrs.items():  # a grid searched again on another first seed may choose another rate
-            if lr != first[3].setdefault(start, lr):
-                raise UserError(f"{root / 'results.json'}: its distillations from the {start} student ran at lr {lr}"
-                                f", {first[0]}'s at {first[3][start]}: not pooled")
+        for start, search in results.get("lr_search", {}).items():  # a grid searched on another seed may differ
+            lr, where = lrs.setdefault(start, (search["chosen"], root))
+            if search["chosen"] != lr:
+                raise UserError(f"{root / 'results.json'}: its distillations from the {start} student ran at lr "
+                                f"{search['chosen']}, {where}'s at {lr}: not pooled")
         for key, recorded in results["main"].items():
             seeds = results["seeds"] if key == "student_sft" or key in report.VARIANTS else [None]
             found = read_model(root, key, recorded, seeds, results["n_test"]) if recorded else ([], [])
             if found is None:
                 raise UserError(f"{root}: no predictions of {key} there or above it; pooling needs every model's")
-            for seed, r, path in zip(seeds, *found):
+            for k, (seed, r, path) in enumerate(zip(seeds, *found)):
                 if seed in rows.setdefault(key, {}) and [x["pred"] for x in r] != [x["pred"] for x in rows[key][seed]]:
                     raise UserError(f"{path}: answers other than {files[key][seed]}'s for the same model ({key}"
                                     f"{'' if seed is None else f', seed {seed}'}): not one experiment's models")
                 rows[key].setdefault(seed, r)
                 files.setdefault(key, {}).setdefault(seed, path)
+                if key in results.get("n_stopped", {}):
+                    n_stopped.setdefault(key, {}).setdefault(seed, results["n_stopped"][key][k])
     if len({tuple(x["id"] for x in r) for by_seed in rows.values() for r in by_seed.values()}) > 1:
         raise UserError(f"{', '.join(map(str, dirs))}: their predictions cover different test examples")
-    return rows, files, first[1], first[2]
+    return rows, files, n_stopped, first[1], {**report.SETTINGS_BEFORE, **first[2]}
 
 
 def pooled_scores(rows: dict, pairs: dict[str, list]) -> tuple[dict, dict]:
@@ -159,7 +175,7 @@ def seed_order(item) -> int:
 
 def pool(out: Path, dirs: list[Path]) -> str:
     """Writes out/pooled.md and out/pooled.json from the results dirs `dirs`; returns the line to print."""
-    rows, files, results, settings = read_dirs(dirs)
+    rows, files, recorded_stops, results, settings = read_dirs(dirs)
     seeds = {key: [s for s, _ in sorted(by_seed.items(), key=seed_order)] for key, by_seed in rows.items()}
     pairs = {}  # each comparison on the seeds both its models have
     for pair in report.comparison_pairs([v for v in report.VARIANTS if v in rows]):
@@ -167,9 +183,11 @@ def pool(out: Path, dirs: list[Path]) -> str:
         if a in rows and b in rows and (common := [s for s in seeds[a] if s in rows[b]]):
             pairs[pair] = common
     both = results.get("metric") == "entity F1" and settings.get("decode", "strict") == "strict"
-    res = {"task": results["task"], "n_test": results["n_test"], "decode": "strict" if both else settings["decode"],
-           "seeds": seeds, "paired_seeds": pairs}
+    res = {"task": results["task"], "n_test": results["n_test"], "decode": settings["decode"], "seeds": seeds,
+           "paired_seeds": pairs}
     res["main"], res["intervals"] = pooled_scores(rows, pairs)
+    if settings["decode"] == "stopped":  # cut as they were generated: the counts their reports recorded
+        res["n_stopped"] = {key: [by_seed[s] for s in seeds[key]] for key, by_seed in recorded_stops.items()}
     if both:  # the strict answers, and the same cut before their first repeated line
         cut = {key: {s: report.cut_rows(r, results["task"]) for s, r in by_seed.items()}
                for key, by_seed in rows.items()}
@@ -198,10 +216,14 @@ def pooled_md(out: Path, dirs: list[Path], res: dict, files: dict, metric: str) 
         ids = ", ".join(str(s) for s in res["seeds"][key] if s is not None) or "one run"
         lines.append(f"| {label} | {ids} | {', '.join(where)} |")
     lines += ["", *report.score_table(res, rows, metric)]
-    lines += report.bootstrap_section(res, rows, sorted({s for ss in res["paired_seeds"].values() for s in ss}), metric)
-    lines += ["", "Seeds paired in each comparison: " + "; ".join(
-        f"{names.get(a, a)} − {names.get(b, b)}: {', '.join(map(str, ss))}"
-        for p, ss in res["paired_seeds"].items() for a, b in [p.split(" - ")]) + "."]
+    paired = res["paired_seeds"]
+    lines += report.bootstrap_section(res, rows, sorted({s for ss in paired.values() for s in ss}), metric)
+    if len({tuple(ss) for ss in paired.values()}) == 1:
+        lines += ["", f"Every comparison pairs seeds {', '.join(map(str, next(iter(paired.values()))))}."]
+    elif paired:
+        lines += ["", "Seeds paired in each comparison: " + "; ".join(
+            f"{names.get(a, a)} − {names.get(b, b)}: {', '.join(map(str, ss))}"
+            for p, ss in paired.items() for a, b in [p.split(" - ")]) + "."]
     return lines
 
 

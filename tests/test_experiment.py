@@ -497,7 +497,9 @@ def test_first_seed_adds_seeds_that_pool_with_the_first(tmp_path, models_dir):
     both made gives the same answers, each seed's comparison is the one its own report made (the same bootstrap
     draws), and the seed interval is the two seeds' t interval."""
     import rescore
-    quick = ["--quick", "--models", str(models_dir), "--variants", "td", "--decode", "strict"]
+    quick = ["--quick", "--models", str(models_dir), "--variants", "td", "--decode", "strict", "--lr-grid", "1e-3"]
+    with pytest.raises(UserError, match="--first-seed 1: the --lr-grid search would run on seed 1; give the rate"):
+        experiment.main([*quick[:-2], "--out", str(tmp_path / "b"), "--seeds", "2", "--first-seed", "1"])
     experiment.main([*quick, "--out", str(tmp_path / "a")])
     experiment.main([*quick, "--out", str(tmp_path / "b"), "--seeds", "2", "--first-seed", "1"])
     a, b = (tmp_path / x / "ncbi_disease_quick" for x in "ab")
@@ -520,6 +522,9 @@ def test_first_seed_adds_seeds_that_pool_with_the_first(tmp_path, models_dir):
         assert (got["seeds"]["lo"], got["seeds"]["hi"]) == pytest.approx((mean - half, mean + half), abs=1e-3)
     with pytest.raises(UserError, match="--first-seed 2: expected 0 to --seeds - 1 \\(1\\)"):
         experiment.main([*quick, "--out", str(tmp_path / "c"), "--seeds", "2", "--first-seed", "2"])
+    with pytest.raises(UserError, match="--first-seed 1: .*a/ncbi_disease_quick holds seed 0's runs; --seeds 2 with"):
+        experiment.main([*quick, "--out", str(tmp_path / "a"), "--seeds", "2", "--first-seed", "1"])
+    assert not (a / "student_s1").exists()
 
 
 def test_quick_experiment_paper_protocol(tmp_path, models_dir):

@@ -86,9 +86,10 @@ def test_what_has_nothing_to_cut_is_skipped_in_one_line(tmp_path, capsys):
 # --pool: one experiment's results dirs, made by several invocations, in one report
 
 
-def seeds_dir(root, seeds: list[int], preds: dict, settings: dict | None = None, lr: str = "1e-4"):
+def seeds_dir(root, seeds: list[int], preds: dict, settings: dict | None = None, lr: str = "1e-4", **recorded):
     """A results dir of `seeds` holding preds' models (name -> answers per seed, or one answer list for a model run
-    once): results.json records their strict F1 as experiment.py would, experiment.json the settings."""
+    once): results.json records their strict F1 as experiment.py would (and `recorded`), experiment.json the
+    settings."""
     (root / "predictions").mkdir(parents=True)
     main = {}
     for key, answers in preds.items():
@@ -100,7 +101,7 @@ def seeds_dir(root, seeds: list[int], preds: dict, settings: dict | None = None,
             main.setdefault(key, []).append(float(report.f1_of_sums(report.example_counts(rows).sum(0))))
     (root / "results.json").write_text(json.dumps({"task": "ncbi_disease", "seeds": seeds, "metric": "entity F1",
                                                    "n_test": len(GOLDS), "main": main, "intervals": {},
-                                                   "lr_search": {"sft": {"chosen": lr}}}))
+                                                   "lr_search": {"sft": {"chosen": lr}}, **recorded}))
     (root / "experiment.json").write_text(json.dumps(settings or {"task": "ncbi_disease", "decode": "strict",
                                                                   "models": {"student": "abc"}}))
     return root
@@ -126,7 +127,7 @@ def test_pool_of_two_invocations_is_the_report_of_one(tmp_path, capsys):
     assert got["files"]["td"] == {"0": "../a/predictions/td_s0.jsonl", "1": "../b/predictions/td_s1.jsonl"}
     md = (tmp_path / "pooled" / "pooled.md").read_text()
     assert f"| TD | 0, 1 | {a}, {b} |" in md and f"| TD | {report.mean_std(STRICT['td'])} | " in md
-    assert "TD − student SFT: 0, 1" in md and "pooled.md" in capsys.readouterr().out
+    assert "Every comparison pairs seeds 0, 1." in md and "pooled.md" in capsys.readouterr().out
 
 
 def test_pool_pairs_each_comparison_on_the_seeds_both_models_have(tmp_path):
@@ -142,11 +143,30 @@ def test_pool_pairs_each_comparison_on_the_seeds_both_models_have(tmp_path):
     assert got["intervals"]["taid - td"]["diff"] == pytest.approx(1.0 - 8 / 11)
     assert got["intervals_stopped"]["taid - td"]["diff"] == pytest.approx(6 / 7 - 3 / 4)
     assert "seeds" not in got["intervals"]["taid - td"] and "seeds" in got["intervals"]["td - student_sft"]
+    md = (tmp_path / "p" / "pooled.md").read_text()
+    assert "Seeds paired in each comparison: " in md and "TAID − TD: 1;" in md and "TD − student SFT: 0, 1;" in md
+
+
+def test_pool_of_dirs_decoded_with_stopping_keeps_their_counts(tmp_path):
+    """Answers cut as they were generated have nothing left to cut: one score, and the stopped counts each report
+    recorded, per seed. The learning-rate grids may differ where the rate they chose is the same."""
+    stopped = {"task": "ncbi_disease", "decode": "stopped", "models": {"student": "abc"}}
+    a = seeds_dir(tmp_path / "a", [0], {"td": {0: PREDS["td_s0"]}}, {**stopped, "lr_grid": ["1e-4", "2e-4"]},
+                  n_stopped={"td": [5]})
+    b = seeds_dir(tmp_path / "b", [1], {"td": {1: PREDS["td_s1"]}}, {**stopped, "lr_grid": ["1e-4"]},
+                  n_stopped={"td": [7]})
+    rescore.main(["--pool", str(tmp_path / "p"), str(a), str(b)])
+    got = json.loads((tmp_path / "p" / "pooled.json").read_text())
+    assert got["decode"] == "stopped" and "main_stopped" not in got and got["n_stopped"] == {"td": [5, 7]}
+    assert got["main"]["td"] == pytest.approx(STRICT["td"])
+    assert "| TD | " + report.mean_std(STRICT["td"]) + " | 0.6667, 0.7273 | 6 (5, 7) |" in (
+        tmp_path / "p" / "pooled.md").read_text()
 
 
 def test_pool_refuses_what_is_not_one_experiment(tmp_path):
     """Other settings, another learning rate, or a shared model whose answers differ: refused by name."""
-    a = seeds_dir(tmp_path / "a", [0], {"teacher": PREDS["teacher"], "td": {0: PREDS["td_s0"]}})
+    a = seeds_dir(tmp_path / "a", [0], {"teacher": PREDS["teacher"], "td": {0: PREDS["td_s0"]}},
+                  {"task": "ncbi_disease", "models": {"student": "abc"}})
     cases = {
         "other_models": (dict(settings={"task": "ncbi_disease", "decode": "strict", "models": {"student": "xyz"}}),
                          r"b/experiment.json has models.student='xyz' where .*a/experiment.json has 'abc'"),
@@ -154,6 +174,11 @@ def test_pool_refuses_what_is_not_one_experiment(tmp_path):
                                       r"at 1e-4"),
         "other_teacher": (dict(), r"b/predictions/teacher.jsonl: answers other than .*a/predictions/teacher.jsonl's "
                                   r"for the same model \(teacher\)"),
+        # a dir from before --decode decoded strictly, whatever its experiment.json lacks
+        "stopped": (dict(settings={"task": "ncbi_disease", "decode": "stopped", "models": {"student": "abc"}}),
+                    r"b/experiment.json has decode='stopped' where .*a/experiment.json has 'strict'"),
+        "fewer_settings": (dict(settings={"task": "ncbi_disease", "decode": "strict"}),
+                           r"b/experiment.json has models='\(none\)' where .*a/experiment.json has \{'student'"),
     }
     for name, (kwargs, match) in cases.items():
         b = seeds_dir(tmp_path / name / "b", [1], {"teacher": PREDS["td_s0"], "td": {1: PREDS["td_s1"]}}
