@@ -7,6 +7,7 @@ The samples are made to differ: L_stuSFT is set per sample and the teacher is sh
 (L_ckpt) spreads too, so a weight given to the wrong sample, applied to the wrong term, or teacher logits moved by one
 token all change the numbers by far more than the tolerance."""
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -27,10 +28,12 @@ PARAMS = ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_pro
           "model.embed_tokens.weight")
 
 
-def plain_ce(model, item) -> float:
-    """Token-mean answer CE of one unpadded item from the model's full forward."""
+def plain_ce(model64, item) -> float:
+    """Token-mean answer CE of one unpadded item, from float64 logits (the forward's own are cast to float32, which
+    moves a 0.05 loss by 1e-3 of itself)."""
+    ids = torch.tensor([item["input_ids"]])
     with torch.no_grad():
-        logits = model(torch.tensor([item["input_ids"]]))[0, :-1]
+        logits = full_logits64(model64, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0, :-1]
     y = torch.tensor(item["labels"][1:])
     return float(F.cross_entropy(logits[y != -100], y[y != -100]))
 
@@ -57,7 +60,7 @@ def setup(module_tmp, tokenizer_dir):
     student = load_model(make_tiny_model(root / "s", tokenizer_dir, n_layers=1, dim=16, seed=4))
     with torch.no_grad():  # sharper than the N(0, 0.02) init's near-uniform output, so KD is no constant
         student.model.norm.weight.mul_(8.0)
-    l_stu = {it["id"]: f * plain_ce(teacher, it) for it, f in zip(items, FACTORS)}
+    l_stu = {it["id"]: f * plain_ce(copy.deepcopy(teacher).double(), it) for it, f in zip(items, FACTORS)}
     return tok, items, teacher, student, l_stu
 
 
@@ -115,7 +118,6 @@ def hand_step(student64, teacher64, micro, l_stu: dict, args) -> dict:
 def real_step(student, teacher, micro, l_stu: dict, args, monkeypatch):
     """distill_step on a fresh copy of the student; returns its stats, the (kd, ce, w per token) it summed, and
     the gradients it left (after clipping)."""
-    import copy
     model = copy.deepcopy(student)
     seen = {"kd": [], "ce": [], "rows": [], "w": []}
     real_hidden, real_aw, term = distill.answer_hidden, distill.aw_weight, KDTerm.of(args)
@@ -168,7 +170,6 @@ def test_distill_step_matches_the_hand_computed_objective(case, setup, monkeypat
     args = SimpleNamespace(**{"alpha": 0.5, "beta": 0.5, "lam": 0.1, "dtype": "fp32", **CASES[case]})
     micro = [data.collate(items[:2], tok.pad_id), data.collate(items[2:], tok.pad_id)]  # two micro-batches
 
-    import copy
     ref = hand_step(copy.deepcopy(student).double(), copy.deepcopy(teacher).double(), micro, l_stu, args)
     stats, kd, ce, w, grads = real_step(student, teacher, micro, l_stu, args, monkeypatch)
 
@@ -177,8 +178,10 @@ def test_distill_step_matches_the_hand_computed_objective(case, setup, monkeypat
                                    rtol=1e-4, atol=1e-5)
     # per answer token: the weight of its own sample, the divergence and the gold CE
     torch.testing.assert_close(w, ref["token_w"], rtol=1e-3, atol=1e-4)  # fp32 CE of a 0.05-loss sample
-    torch.testing.assert_close(kd, ref["kd"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ce, ref["ce"], rtol=1e-4, atol=1e-5)
+    # fp32 log-softmax over 49,152 logits of the sharpened models leaves ~1e-4 relative error, which moves with the
+    # CPU's vector width (1.3e-4 seen on one); a wrong sample, term or token moves them by far more than 1e-3
+    torch.testing.assert_close(kd, ref["kd"], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(ce, ref["ce"], rtol=1e-3, atol=1e-5)
     # what the step reports: token means over the global count, and the mean w over samples
     assert stats["loss"] == pytest.approx(ref["objective"], rel=1e-4)
     assert stats["kd"] == pytest.approx(float(ref["kd"].sum()) / ref["n_total"], rel=1e-4)
