@@ -242,6 +242,9 @@ def flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=data.METRICS, default=None,
                    help="how --task jsonl is scored when its files do not say (see data.py)")
     p.add_argument("--seeds", type=int, default=1, help="students per variant (seeds 0..N-1); one teacher")
+    p.add_argument("--teacher-only", action="store_true", help="the teacher's stages alone (its SFT, test scores "
+                   "and cache), which need no student: run beside python heal.py on a machine with room for both, "
+                   "then the same command without this flag")
     p.add_argument("--first-seed", type=int, default=0, help="run seeds K..N-1 only: more seeds for a set whose "
                    "first ones ran elsewhere (pool the reports with python rescore.py --pool)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="sizes of every stage")
@@ -422,7 +425,7 @@ def setup(args: argparse.Namespace, argv) -> Experiment:
     models = Path(args.models)
     if args.quick:  # tiny random teacher and student that carry the real tokenizer
         prepare.main(["--out-dir", str(models)])
-        for name, layers in (("teacher", 2), ("student", 1)):
+        for name, layers in (("teacher", 2), ("student", 1))[:1 if args.teacher_only else 2]:
             if not (root / "models" / name / "model.safetensors").exists():
                 prepare.build_tiny(root / "models" / name, models / "teacher", n_layers=layers, seed=layers)
         models = root / "models"
@@ -461,14 +464,23 @@ def heal_and_check(ex: Experiment):
     elif not args.quick and not (student_dir / "heal.json").exists() and args.heal:
         raise UserError(f"--models {ex.models}: student/ was not made by heal.py (no heal.json); run python heal.py "
                         "--overwrite to heal the default student, or pass --no-heal to use this one as it is")
+    record_settings(ex)
+
+
+def record_settings(ex: Experiment):
+    """check_settings on what this invocation's stages depend on; the student's fingerprint once there is one (a
+    --teacher-only run beside heal.py has none yet, and the first full run adds it)."""
+    args, student_dir = ex.args, ex.models / "student"
+    models = {"teacher": model_fingerprint(ex.models / "teacher")}
+    if (student_dir / "config.json").exists():
+        models["student"] = model_fingerprint(student_dir)
     check_settings(ex.root, {"task": args.task, "data": args.data, "metric": args.metric, "preset": args.preset,
                              "decode": args.decode, "protocol": args.protocol,
                              "test_size": ex.test_size, "lr_grid": args.lr_grid, "sft_lr_grid": args.sft_lr_grid,
                              "teacher_checkpoints": args.teacher_checkpoints, "teacher_cache": args.teacher_cache,
                              "top_k": args.top_k if args.teacher_cache == "topk" else None,
                              "cache_precision": args.cache_precision,
-                             "models": {"teacher": model_fingerprint(ex.models / "teacher"),
-                                        "student": model_fingerprint(student_dir)}})
+                             "models": models})
 
 
 def teacher_sft(ex: Experiment):
@@ -492,6 +504,8 @@ def teacher_sft(ex: Experiment):
     evals = ex.root / "evals"
     for key, model_dir in (("teacher_base", ex.models / "teacher"), ("teacher", ex.teacher_final),
                            ("student_base", ex.models / "student")):
+        if not (model_dir / "config.json").exists():  # --teacher-only beside heal.py: no student yet
+            continue
         m = ex.timer.run(f"eval {key}", test_eval, model_dir, evals / f"{key}.json", args, ex.test_size, ex.device,
                          cached=evals / f"{key}.json")
         ex.results["main"][key] = [m["main"]]
@@ -510,8 +524,10 @@ def cache_flags(ex: Experiment) -> tuple[str, ...]:
         return ex.cache
     cache_dir = ex.root / "teacher_cache"
     probe_size = QUICK_PROBE[1] if args.quick else str(schedule.PROBE_SIZE)
+    student = ex.models / "student"  # whose tokenizer distill.py encodes with; before heal, the teacher's (the
+    tok = student if (student / "config.json").exists() else ex.models / "teacher"  # cache key holds the encoding)
     build = [teacher_cache.main, ["--teacher", str(ex.teacher_run), "--out", str(cache_dir), "--tokenizer",
-                                  str(ex.models / "student"), "--form", args.teacher_cache, "--top-k",
+                                  str(tok), "--form", args.teacher_cache, "--top-k",
                                   str(args.top_k), "--precision", args.cache_precision, "--seeds",
                                   ",".join(map(str, ex.seeds)), "--probe-size", probe_size, *ex.task_flags,
                                   "--train-size", str(ex.sizes["train_size"]), "--max-len", str(ex.sizes["max_len"]),
@@ -682,6 +698,15 @@ def write_results(ex: Experiment):
 def main(argv=None):
     runtime.single_process("experiment.py")
     ex = setup(parse_flags(argv), argv)
+    if ex.args.teacher_only:  # beside heal.py: the stages that need no student
+        record_settings(ex)
+        teacher_sft(ex)
+        if ex.args.spacings:
+            other_spacings(ex)
+        cache_flags(ex)
+        print(f"the teacher's stages are done in {ex.root}; run the same command without --teacher-only once the "
+              "student is healed")
+        return
     heal_and_check(ex)
     teacher_sft(ex)
     if ex.args.spacings:

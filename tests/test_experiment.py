@@ -492,6 +492,27 @@ def test_stale_settings_and_unhealed_student_are_refused(tmp_path, models_dir, t
             experiment.main(["--quick", "--out", str(tmp_path / "y"), "--spacings", f"geometric,{bad}"])
 
 
+def test_teacher_only_runs_beside_the_heal_and_the_full_run_reuses_it(tmp_path, models_dir):
+    """--teacher-only trains and scores the teacher and builds its cache with no student there (as beside heal.py);
+    the full invocation afterwards reuses all of it (their recorded times unchanged) and adds the student's
+    fingerprint to the root's settings."""
+    quick = ["--quick", "--out", str(tmp_path), "--models", str(models_dir), "--variants", "td", "--lr-grid", "1e-3"]
+    experiment.main([*quick, "--teacher-only"])
+    root = tmp_path / "ncbi_disease_quick"
+    assert not (root / "models" / "student").exists() and not (root / "student_s0").exists()
+    assert sorted(p.name for p in (root / "evals").glob("*.json")) == ["teacher.json", "teacher_base.json"]
+    assert json.loads((root / "teacher_cache" / "config.json").read_text())["tokenizer"] == str(root / "models" /
+                                                                                                 "teacher")
+    assert set(json.loads((root / "experiment.json").read_text())["models"]) == {"teacher"}
+    before = json.loads((root / "timings.json").read_text())
+    assert set(before) == {"teacher SFT", "eval teacher_base", "eval teacher", "teacher cache"}
+    experiment.main(quick)
+    after = json.loads((root / "timings.json").read_text())
+    assert {k: after[k] for k in before} == before and "distill td s0" in after and "eval student_base" in after
+    assert set(json.loads((root / "experiment.json").read_text())["models"]) == {"teacher", "student"}
+    assert json.loads((root / "results.json").read_text())["main"]["td"]
+
+
 def test_first_seed_adds_seeds_that_pool_with_the_first(tmp_path, models_dir):
     """--seeds 2 --first-seed 1 runs seed 1 alone; pooled with a 1-seed invocation (rescore.py --pool), the teacher
     both made gives the same answers, each seed's comparison is the one its own report made (the same bootstrap
