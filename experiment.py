@@ -242,9 +242,10 @@ def flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=data.METRICS, default=None,
                    help="how --task jsonl is scored when its files do not say (see data.py)")
     p.add_argument("--seeds", type=int, default=1, help="students per variant (seeds 0..N-1); one teacher")
-    p.add_argument("--teacher-only", action="store_true", help="the teacher's stages alone (its SFT, test scores "
-                   "and cache), which need no student: run beside python heal.py on a machine with room for both, "
-                   "then the same command without this flag")
+    p.add_argument("--teacher-only", action="store_true", help="the teacher's stages alone (its SFT, test scores, "
+                   "cache and --spacings teachers), which need no student: run beside python heal.py on a machine "
+                   "with room for both, then, once both have ended, the same command (the same --seeds: the cache's "
+                   "probe sets) without this flag")
     p.add_argument("--first-seed", type=int, default=0, help="run seeds K..N-1 only: more seeds for a set whose "
                    "first ones ran elsewhere (pool the reports with python rescore.py --pool)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="sizes of every stage")
@@ -404,6 +405,13 @@ class Student:
     flags: list[str]  # every training run's flags, with the seed
 
 
+def root_dir(args: argparse.Namespace) -> Path:
+    """OUT/TASK: OUT/jsonl_<name> for a JSONL task, named after its test file; _quick for --quick."""
+    name = f"jsonl_{Path(args.test_file).stem.removesuffix('.test').removesuffix('_test')}" if args.test_file \
+        else args.task
+    return Path(args.out) / (f"{name}_quick" if args.quick else name)
+
+
 def setup(args: argparse.Namespace, argv) -> Experiment:
     """What the flags resolve to, the output root, --quick's tiny models; the plan, printed."""
     preset = PRESETS[args.preset]
@@ -414,9 +422,7 @@ def setup(args: argparse.Namespace, argv) -> Experiment:
     seeds = list(range(args.first_seed, args.seeds))
     command = shlex.join(["python", "experiment.py", *(sys.argv[1:] if argv is None else argv)])
 
-    name = f"jsonl_{Path(args.test_file).stem.removesuffix('.test').removesuffix('_test')}" if args.test_file \
-        else args.task
-    root = Path(args.out) / (f"{name}_quick" if args.quick else name)
+    root = root_dir(args)
     earlier = [k for k in range(args.first_seed) if (root / f"student_s{k}").exists()]
     if earlier:  # its report would leave them out, and the first seed's analysis is kept by model, not by seed
         raise UserError(f"--first-seed {args.first_seed}: {root} holds seed {earlier[0]}'s runs; --seeds {args.seeds} "
@@ -434,7 +440,8 @@ def setup(args: argparse.Namespace, argv) -> Experiment:
     searched = [g for g in (args.lr_grid, args.sft_lr_grid if any(v.endswith("_from_sft") for v in args.variants)
                             else []) if len(g) > 1]  # a grid of one rate is used as given
     grid_runs = sum(len(g) for g in searched)
-    n_runs = 2 + len(args.spacings) + grid_runs + len(seeds) * (2 + len(args.variants))
+    n_runs = 1 + len(args.spacings) if args.teacher_only else \
+        2 + len(args.spacings) + grid_runs + len(seeds) * (2 + len(args.variants))
     print(f"experiment {args.task}: preset {args.preset}, seeds {seeds}, variants {args.variants}: {n_runs} training "
           f"runs ({grid_runs} of them the learning-rate search); docs/experiment.md lists what each took -> {root}")
 
@@ -474,6 +481,8 @@ def record_settings(ex: Experiment):
     models = {"teacher": model_fingerprint(ex.models / "teacher")}
     if (student_dir / "config.json").exists():
         models["student"] = model_fingerprint(student_dir)
+    elif "student" in (old := read_json(path)["models"] if (path := ex.root / "experiment.json").exists() else {}):
+        models["student"] = old["student"]  # one recorded before stays, so the next full run is checked on it
     check_settings(ex.root, {"task": args.task, "data": args.data, "metric": args.metric, "preset": args.preset,
                              "decode": args.decode, "protocol": args.protocol,
                              "test_size": ex.test_size, "lr_grid": args.lr_grid, "sft_lr_grid": args.sft_lr_grid,
@@ -504,7 +513,7 @@ def teacher_sft(ex: Experiment):
     evals = ex.root / "evals"
     for key, model_dir in (("teacher_base", ex.models / "teacher"), ("teacher", ex.teacher_final),
                            ("student_base", ex.models / "student")):
-        if not (model_dir / "config.json").exists():  # --teacher-only beside heal.py: no student yet
+        if key == "student_base" and ex.args.teacher_only:  # beside heal.py: no student yet, or a half-made one
             continue
         m = ex.timer.run(f"eval {key}", test_eval, model_dir, evals / f"{key}.json", args, ex.test_size, ex.device,
                          cached=evals / f"{key}.json")
@@ -697,7 +706,13 @@ def write_results(ex: Experiment):
 
 def main(argv=None):
     runtime.single_process("experiment.py")
-    ex = setup(parse_flags(argv), argv)
+    args = parse_flags(argv)
+    with runtime.only_one_in(root_dir(args), "experiment.py"):  # a second one would overwrite this one's live runs
+        run(setup(args, argv))
+
+
+def run(ex: Experiment):
+    """The stages: heal, the teacher, then per seed the student SFT, the AW table and the variants; the report."""
     if ex.args.teacher_only:  # beside heal.py: the stages that need no student
         record_settings(ex)
         teacher_sft(ex)

@@ -252,6 +252,22 @@ def single_process(script: str):
                         "distill.py are the ones that run on several ranks)")
 
 
+@contextmanager
+def only_one_in(path: Path, script: str):
+    """Hold path/.lock for the block: a second invocation on the same dir is refused in one line instead of
+    overwriting the first's live runs."""
+    import fcntl  # POSIX, as torchrun is
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with open(Path(path) / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{path}: another {script} is running on it; wait for it to end, or give another --out") \
+                from None
+        yield
+
+
 def print0(*args, **kwargs):
     """print on rank 0 only (tqdm.write's place while a bar is open: tqdm moves its bar below the line)."""
     if is_main():

@@ -506,11 +506,26 @@ def test_teacher_only_runs_beside_the_heal_and_the_full_run_reuses_it(tmp_path, 
     assert set(json.loads((root / "experiment.json").read_text())["models"]) == {"teacher"}
     before = json.loads((root / "timings.json").read_text())
     assert set(before) == {"teacher SFT", "eval teacher_base", "eval teacher", "teacher cache"}
+    shards = {p: p.stat().st_mtime_ns for p in (root / "teacher_cache").glob("*.safetensors")}
+    manifest = (root / "teacher_cache" / "manifest.json").read_text()
     experiment.main(quick)
     after = json.loads((root / "timings.json").read_text())
     assert {k: after[k] for k in before} == before and "distill td s0" in after and "eval student_base" in after
-    assert set(json.loads((root / "experiment.json").read_text())["models"]) == {"teacher", "student"}
-    assert json.loads((root / "results.json").read_text())["main"]["td"]
+    assert shards and {p: p.stat().st_mtime_ns for p in shards} == shards  # checked with the student's tokenizer,
+    assert (root / "teacher_cache" / "manifest.json").read_text() == manifest  # not rebuilt
+    settings = json.loads((root / "experiment.json").read_text())
+    assert set(settings["models"]) == {"teacher", "student"} and json.loads(
+        (root / "results.json").read_text())["main"]["td"]
+    # a --teacher-only run with the student gone (to heal it again, say) keeps its fingerprint, so the next full
+    # run is checked against it; and one invocation at a time per root
+    shutil.rmtree(root / "models" / "student")
+    experiment.main([*quick, "--teacher-only"])
+    assert json.loads((root / "experiment.json").read_text())["models"] == settings["models"]
+    import fcntl
+    with open(root / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="ncbi_disease_quick: another experiment.py is running on it; wait"):
+            experiment.main(quick)
 
 
 def test_first_seed_adds_seeds_that_pool_with_the_first(tmp_path, models_dir):
