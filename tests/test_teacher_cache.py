@@ -144,7 +144,8 @@ def test_cache_distills_as_online(case, runs, tmp_path):
     for a, b in zip(*sched):
         for ca, cb in zip(a["candidates"], b["candidates"]):
             for k in ("metric1", "metric2", "sum"):
-                assert (ca[k] is None and cb[k] is None) or cb[k] == pytest.approx(ca[k], rel=1e-5, abs=1e-7)
+                # a KL of ~0.01 summed over 49,152 fp32 terms: 1.1e-7 apart seen at 2 threads on a Zen 2 CPU
+                assert (ca[k] is None and cb[k] is None) or cb[k] == pytest.approx(ca[k], rel=1e-5, abs=1e-6)
     wa, wb = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("online", "cached"))
     moved = max(float((wa[k] - load_file(runs[1] / "model.safetensors")[k]).abs().max()) for k in wa)
     assert moved > 100 * WEIGHT_ATOL  # training moved the weights far more than the tolerance
