@@ -478,11 +478,13 @@ def record_settings(ex: Experiment):
     """check_settings on what this invocation's stages depend on; the student's fingerprint once there is one (a
     --teacher-only run beside heal.py has none yet, and the first full run adds it)."""
     args, student_dir = ex.args, ex.models / "student"
+    path = ex.root / "experiment.json"
+    recorded = read_json(path).get("models", {}) if path.exists() else {}
     models = {"teacher": model_fingerprint(ex.models / "teacher")}
     if (student_dir / "config.json").exists():
         models["student"] = model_fingerprint(student_dir)
-    elif "student" in (old := read_json(path)["models"] if (path := ex.root / "experiment.json").exists() else {}):
-        models["student"] = old["student"]  # one recorded before stays, so the next full run is checked on it
+    elif "student" in recorded:  # one recorded before stays, so the next full run is checked on it
+        models["student"] = recorded["student"]
     check_settings(ex.root, {"task": args.task, "data": args.data, "metric": args.metric, "preset": args.preset,
                              "decode": args.decode, "protocol": args.protocol,
                              "test_size": ex.test_size, "lr_grid": args.lr_grid, "sft_lr_grid": args.sft_lr_grid,
