@@ -535,8 +535,10 @@ def cache_flags(ex: Experiment) -> tuple[str, ...]:
         return ex.cache
     cache_dir = ex.root / "teacher_cache"
     probe_size = QUICK_PROBE[1] if args.quick else str(schedule.PROBE_SIZE)
-    student = ex.models / "student"  # whose tokenizer distill.py encodes with; before heal, the teacher's (the
-    tok = student if (student / "config.json").exists() else ex.models / "teacher"  # cache key holds the encoding)
+    # the data encoded as distill.py will (the student's tokenizer); before heal (--teacher-only) the teacher's, and
+    # the cache key holds the encoding, so the full run's check rebuilds the cache if the two differ
+    student = ex.models / "student"
+    tok = student if (student / "config.json").exists() else ex.models / "teacher"
     build = [teacher_cache.main, ["--teacher", str(ex.teacher_run), "--out", str(cache_dir), "--tokenizer",
                                   str(tok), "--form", args.teacher_cache, "--top-k",
                                   str(args.top_k), "--precision", args.cache_precision, "--seeds",
@@ -717,17 +719,16 @@ def run(ex: Experiment):
     """The stages: heal, the teacher, then per seed the student SFT, the AW table and the variants; the report."""
     if ex.args.teacher_only:  # beside heal.py: the stages that need no student
         record_settings(ex)
-        teacher_sft(ex)
-        if ex.args.spacings:
-            other_spacings(ex)
+    else:
+        heal_and_check(ex)
+    teacher_sft(ex)
+    if ex.args.spacings:
+        other_spacings(ex)
+    if ex.args.teacher_only:
         cache_flags(ex)
         print(f"the teacher's stages are done in {ex.root}; run the same command without --teacher-only once the "
               "student is healed")
         return
-    heal_and_check(ex)
-    teacher_sft(ex)
-    if ex.args.spacings:
-        other_spacings(ex)
     for seed in ex.seeds:
         student = student_sft(ex, seed)
         aw_table(ex, student)
