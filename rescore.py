@@ -20,11 +20,21 @@ variants, on another day) into one report, OUT/pooled.md and pooled.json. Their 
 same (the models' fingerprints among them), and a model two dirs share (the teacher, a seed's SFT student) must have
 given the same answers in both: the proof that they hold one experiment's models. Each comparison pairs the seeds
 both its models have.
+
+    python rescore.py --across OUT DIR DIR [...]
+
+reads one experiment made again with other models (another machine kind heals another student and trains another
+teacher from the same recipe: "sets") over all the sets' seeds, into OUT/across.md and across.json. Their answers are
+not pooled, but each seed's paired difference (SCD+AW from SFT − TD from SFT, say) is a draw of the same comparison:
+a t interval over every set's per-seed differences, the set's models counted as part of the seed's noise. The sets
+must share every setting and chosen learning rate and differ in their models.
 """
 
 import argparse
 import json
+import math
 import os
+import statistics
 from pathlib import Path
 
 import checkpoints
@@ -227,15 +237,131 @@ def pooled_md(out: Path, dirs: list[Path], res: dict, files: dict, metric: str) 
     return lines
 
 
+# -----------------------------------------------------------------------------
+# --across: one comparison made by several sets of models, read over all their seeds
+
+
+def set_scores(root: Path) -> tuple[list[int], dict[str, dict]]:
+    """A results dir's seeds, and score ("strict", "stopped") -> comparison -> its per-seed differences in their
+    order, from its stopped.json (both scores, rescore's) or else results.json (what the experiment decoded, and the
+    stopped score too where it decoded strictly)."""
+    path = root / "stopped.json" if (root / "stopped.json").is_file() else root / "results.json"
+    results = read_json(path)
+    if results.get("decode") == "stopped":
+        by_score = {"stopped": results["intervals"]}
+    else:
+        by_score = {"strict": results["intervals"], "stopped": results.get("intervals_stopped", {})}
+    out = {score: {pair: [p["diff"] for p in b["per_seed"]] for pair, b in intervals.items()}
+           for score, intervals in by_score.items()}
+    for score, pairs in out.items():
+        for pair, diffs in pairs.items():
+            if len(diffs) != len(results["seeds"]):
+                raise UserError(f"{path}: {pair} ({score}) has {len(diffs)} per-seed differences for seeds "
+                                f"{results['seeds']}")
+    return results["seeds"], out
+
+
+def check_sets(dirs: list[Path]) -> list[dict]:
+    """Each dir's results.json, after checking that the dirs ran one recipe (the same task, test examples, settings
+    and chosen learning rates) on other models. How they decoded may differ: each score is read by its name."""
+    first, seen = None, {}
+    reports = []
+    for root in dirs:
+        results, settings = read_json(root / "results.json"), read_json(root / "experiment.json")
+        if first is None:
+            first = (root, results, settings)
+        elif (results["task"], results["n_test"]) != (first[1]["task"], first[1]["n_test"]):
+            raise UserError(f"{root / 'results.json'}: {results['task']} on {results['n_test']} test examples, "
+                            f"{first[0]}'s {first[1]['task']} on {first[1]['n_test']}: not the same comparison")
+        elif diff := same_settings(*({**s, "models": None, "decode": None} for s in (first[2], settings))):
+            raise UserError(f"{root / 'experiment.json'} has {diff[0]}={diff[2]!r} where {first[0] / 'experiment.json'}"
+                            f" has {diff[1]!r}: not one recipe's runs")
+        chosen = {start: search["chosen"] for start, search in results.get("lr_search", {}).items()}
+        for start, lr in chosen.items():
+            other = first[1].get("lr_search", {}).get(start, {}).get("chosen", lr)
+            if other != lr:
+                raise UserError(f"{root / 'results.json'}: its distillations from the {start} student ran at lr {lr}, "
+                                f"{first[0]}'s at {other}: not one recipe's runs")
+        models = json.dumps(settings.get("models"), sort_keys=True)
+        if models in seen:
+            raise UserError(f"{root} and {seen[models]} hold the same models: one set, so pool them "
+                            "(python rescore.py --pool) rather than read them across")
+        seen[models] = root
+        reports.append(results)
+    return reports
+
+
+def across(out: Path, dirs: list[Path]) -> str:
+    """Writes out/across.md and out/across.json: every comparison, on each score, over the per-seed differences of
+    every set that made it; returns the line to print."""
+    reports = check_sets(dirs)
+    res = {"task": reports[0]["task"], "n_test": reports[0]["n_test"], "sets": [str(d) for d in dirs],
+           "comparisons": {}}
+    for root in dirs:
+        seeds, scores = set_scores(root)
+        for score, pairs in scores.items():
+            for pair, diffs in pairs.items():
+                by_score = res["comparisons"].setdefault(pair, {}).setdefault(score, {"per_set": []})
+                by_score["per_set"].append({"dir": str(root), "seeds": seeds, "diffs": diffs})
+    made = res["comparisons"]  # one set's comparison is its own report's seed interval: not repeated here
+    res["comparisons"] = {pair: by_score for pair, by_score in made.items()
+                          if max(len(b["per_set"]) for b in by_score.values()) > 1}
+    res["one_set"] = [pair for pair in made if pair not in res["comparisons"]]
+    for by_score in res["comparisons"].values():
+        for b in by_score.values():
+            d = [x for s in b["per_set"] for x in s["diffs"]]
+            b.update(n=len(d), diff=statistics.mean(d))
+            if len(d) > 1:
+                half = report.t_quantile(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+                b.update(lo=b["diff"] - half, hi=b["diff"] + half, df=len(d) - 1)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "across.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out / "across.md", "\n".join(across_md(out, dirs, res)) + "\n")
+    return f"{out}: {len(res['comparisons'])} comparisons over {len(dirs)} sets -> {out / 'across.md'}"
+
+
+def across_md(out: Path, dirs: list[Path], res: dict) -> list[str]:
+    """across.md: the sets, then one row per comparison and score: its mean difference with the t interval over all
+    the sets' seeds, bold where that interval is beyond zero, and each set's own mean."""
+    names = {key: label for label, key in report.model_rows(list(report.VARIANTS))}
+    lines = [f"# Across sets: {res['task']} ({out})", "",
+             f"`python rescore.py --across {out} {' '.join(map(str, dirs))}`: one recipe run on other models (sets), "
+             f"each scored on the same {res['n_test']} test examples. Each set's per-seed paired differences are "
+             "draws of one comparison; the interval is their mean ± t(0.975, seeds − 1) × their standard deviation "
+             "/ √seeds, the set's models counted as part of a seed's noise. It holds the training noise, not the test "
+             "examples': the sets share the test split. Bold: beyond zero.", "",
+             "| comparison | score | seeds | mean difference [95 % t interval] | per set (seeds: mean) |",
+             "|---|---|---|---|---|"]
+    for pair, by_score in res["comparisons"].items():
+        a, b = pair.split(" - ")
+        for score, c in by_score.items():
+            mean = f"{c['diff']:+.4f}" + (f" [{c['lo']:+.4f}, {c['hi']:+.4f}]" if "lo" in c else "")
+            if "lo" in c and (c["lo"] > 0 or c["hi"] < 0):
+                mean = f"**{mean}**"
+            per = "; ".join(f"{s['dir']} ({', '.join(map(str, s['seeds']))}): {statistics.mean(s['diffs']):+.4f}"
+                            for s in c["per_set"])
+            lines.append(f"| {names.get(a, a)} − {names.get(b, b)} | {score} | {c['n']} | {mean} | {per} |")
+    if res["one_set"]:
+        lines += ["", f"{len(res['one_set'])} comparisons only one set made are in that set's report."]
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", type=Path, help="results dirs that experiment.py wrote (OUT/TASK), e.g. "
                                                       "results/ncbi_disease")
-    p.add_argument("--pool", type=Path, default=None, metavar="OUT",
-                   help="pool the dirs (one experiment's, made by several invocations) into OUT/pooled.md instead")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--pool", type=Path, default=None, metavar="OUT",
+                     help="pool the dirs (one experiment's, made by several invocations) into OUT/pooled.md instead")
+    how.add_argument("--across", type=Path, default=None, metavar="OUT",
+                     help="read the dirs (one recipe run on other models: other machines) over all their seeds' "
+                          "paired differences into OUT/across.md instead")
     args = p.parse_args(argv)
     if args.pool is not None:
         print(pool(args.pool, args.dirs))
+        return
+    if args.across is not None:
+        print(across(args.across, args.dirs))
         return
     for root in args.dirs:
         print(rescore(root))

@@ -186,3 +186,76 @@ def test_pool_refuses_what_is_not_one_experiment(tmp_path):
         with pytest.raises(UserError, match=match):
             rescore.main(["--pool", str(tmp_path / name / "p"), str(a), str(b)])
         assert not (tmp_path / name / "p").exists(), name
+
+
+# -----------------------------------------------------------------------------
+# --across: one recipe run on other models (sets), read over all their seeds' paired differences
+
+PAIR, ONE = "scd_aw_from_sft - td_from_sft", "td_from_sft - student_sft"
+
+
+def set_dir(root, seeds: list[int], intervals: dict, stopped: dict | None = None, decode: str = "strict",
+            models: str = "a", lr: str = "1e-4", preset: str = "cpu", rescored: dict | None = None):
+    """A results dir as experiment.py writes it, reduced to what --across reads: the per-seed differences of each
+    comparison (pair -> list), on the decoded score (`intervals`) and, decoded strictly, the stopped one; `rescored`
+    writes them to stopped.json (rescore's, both scores) instead."""
+    root.mkdir(parents=True)
+    per = lambda by_pair: {p: {"per_seed": [{"diff": d} for d in ds]} for p, ds in by_pair.items()}  # noqa: E731
+    results = {"task": "ncbi_disease", "seeds": seeds, "n_test": 940, "decode": decode, "intervals": per(intervals),
+               "lr_search": {"sft": {"chosen": lr}}, **({"intervals_stopped": per(stopped)} if stopped else {})}
+    (root / "results.json").write_text(json.dumps(results))
+    if rescored:
+        (root / "stopped.json").write_text(json.dumps({"seeds": seeds, "intervals": per(intervals),
+                                                       "intervals_stopped": per(rescored)}))
+    (root / "experiment.json").write_text(json.dumps({"task": "ncbi_disease", "preset": preset, "decode": decode,
+                                                      "models": {"student": models}}))
+    return root
+
+
+def test_across_reads_every_sets_per_seed_differences(tmp_path, capsys):
+    """Three sets: A decoded strictly with both scores in results.json, B with its stopped score in rescore's
+    stopped.json, C decoded with stopping (its one score is the stopped one). By hand, t(0.975, 2) = 4.302653 and
+    t(0.975, 4) = 2.776445: strict over A and B, 0.01, 0.03, 0.05: mean 0.03, sd 0.02, half 4.302653 × 0.02 / √3;
+    stopped over all three, 0, 0.02, 0.04, 0.01, 0.03: mean 0.02, sd √(2.5e-4), half 2.776445 × 0.0158114 / √5,
+    beyond zero. A comparison only A made is left to A's report."""
+    a = set_dir(tmp_path / "a", [0, 1], {PAIR: [0.01, 0.03], ONE: [0.1, 0.2]}, {PAIR: [0.0, 0.02], ONE: [0.1, 0.1]})
+    b = set_dir(tmp_path / "b", [10], {PAIR: [0.05]}, models="b", rescored={PAIR: [0.04]})
+    c = set_dir(tmp_path / "c", [20, 21], {PAIR: [0.01, 0.03]}, decode="stopped", models="c")
+    rescore.main(["--across", str(tmp_path / "x"), str(a), str(b), str(c)])
+    got = json.loads((tmp_path / "x" / "across.json").read_text())
+    assert list(got["comparisons"]) == [PAIR] and got["one_set"] == [ONE]
+    strict, stopped = got["comparisons"][PAIR]["strict"], got["comparisons"][PAIR]["stopped"]
+    assert (strict["n"], strict["df"], stopped["n"], stopped["df"]) == (3, 2, 5, 4)
+    half = 4.302653 * 0.02 / 3 ** 0.5
+    assert (strict["diff"], strict["lo"], strict["hi"]) == pytest.approx((0.03, 0.03 - half, 0.03 + half), abs=1e-6)
+    half = 2.776445 * 2.5e-4 ** 0.5 / 5 ** 0.5
+    assert (stopped["diff"], stopped["lo"], stopped["hi"]) == pytest.approx((0.02, 0.02 - half, 0.02 + half), abs=1e-6)
+    assert [(s["dir"], s["seeds"], s["diffs"]) for s in stopped["per_set"]] == [
+        (str(a), [0, 1], [0.0, 0.02]), (str(b), [10], [0.04]), (str(c), [20, 21], [0.01, 0.03])]
+    md = (tmp_path / "x" / "across.md").read_text()
+    assert "| SCD+AW from SFT − TD from SFT | strict | 3 | +0.0300 [-0.0197, +0.0797] | " in md
+    assert f"| SCD+AW from SFT − TD from SFT | stopped | 5 | **+0.0200 [+0.0004, +0.0396]** | {a} (0, 1): +0.0100; " \
+           f"{b} (10): +0.0400; {c} (20, 21): +0.0200 |" in md
+    assert "1 comparisons only one set made" in md and "across.md" in capsys.readouterr().out
+
+
+def test_across_refuses_what_is_not_one_recipe_on_other_models(tmp_path):
+    """The same models (one set: pooled, not read across), other settings, another chosen rate, another test split:
+    refused by name, nothing written."""
+    a = set_dir(tmp_path / "a", [0], {PAIR: [0.01]})
+    cases = {
+        "same_models": (dict(), r"b and .*a hold the same models: one set, so pool them"),
+        "other_preset": (dict(models="b", preset="gpu"), r"b/experiment.json has preset='gpu' where .*a/experiment"
+                                                         r".json has 'cpu': not one recipe's runs"),
+        "other_lr": (dict(models="b", lr="2e-4"), r"b/results.json: its distillations from the sft student ran at lr "
+                                                  r"2e-4, .*a's at 1e-4"),
+    }
+    for name, (kwargs, match) in cases.items():
+        b = set_dir(tmp_path / name / "b", [1], {PAIR: [0.02]}, **kwargs)
+        with pytest.raises(UserError, match=match):
+            rescore.main(["--across", str(tmp_path / name / "x"), str(a), str(b)])
+        assert not (tmp_path / name / "x").exists(), name
+    b = set_dir(tmp_path / "short" / "b", [1], {PAIR: [0.02, 0.03]}, models="b")
+    with pytest.raises(UserError, match=r"b/results.json: scd_aw_from_sft - td_from_sft \(strict\) has 2 per-seed "
+                                        r"differences for seeds \[1\]"):
+        rescore.main(["--across", str(tmp_path / "x"), str(a), str(b)])
