@@ -228,6 +228,11 @@ def bootstrap_pairs(counts: dict[str, list[np.ndarray]], pairs: list[str], n_see
     return out
 
 
+def n_cut(full: list[dict], cut: list[dict]) -> int:
+    """How many answers cut_rows shortened: the answers a decoder with stopping would have ended."""
+    return sum(len(a["pred"]) > len(b["pred"]) for a, b in zip(full, cut))
+
+
 def stopped_scores(rows: dict[str, list[list[dict]]], task: str, kind: str | None, pairs: list[str],
                    n_seeds: int) -> dict:
     """An entity task's scores with every answer cut before its first repeated line (cut_rows), from its rows per
@@ -236,8 +241,7 @@ def stopped_scores(rows: dict[str, list[list[dict]]], task: str, kind: str | Non
     cut = {key: [cut_rows(r, task, kind) for r in per_seed] for key, per_seed in rows.items()}
     counts = {key: [example_counts(r) for r in per_seed] for key, per_seed in cut.items()}
     return {"main_stopped": {key: [float(f1_of_sums(c.sum(0))) for c in cs] for key, cs in counts.items()},
-            "n_stopped": {key: [sum(len(a["pred"]) > len(b["pred"]) for a, b in zip(full, short))
-                                for full, short in zip(rows[key], cut[key])] for key in rows},
+            "n_stopped": {key: [n_cut(full, short) for full, short in zip(rows[key], cut[key])] for key in rows},
             "intervals_stopped": bootstrap_pairs(counts, pairs, n_seeds)}
 
 

@@ -202,8 +202,7 @@ def pool(out: Path, dirs: list[Path]) -> str:
         cut = {key: {s: report.cut_rows(r, results["task"]) for s, r in by_seed.items()}
                for key, by_seed in rows.items()}
         res["main_stopped"], res["intervals_stopped"] = pooled_scores(cut, pairs)
-        res["n_stopped"] = {key: [sum(len(a["pred"]) > len(b["pred"]) for a, b in zip(rows[key][s], cut[key][s]))
-                                  for s in seeds[key]] for key in rows}
+        res["n_stopped"] = {key: [report.n_cut(rows[key][s], cut[key][s]) for s in seeds[key]] for key in rows}
     res["files"] = {key: {str(s): os.path.relpath(f, out) for s, f in by_seed.items()}
                     for key, by_seed in files.items()}
     out.mkdir(parents=True, exist_ok=True)
