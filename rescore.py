@@ -242,10 +242,16 @@ def pooled_md(out: Path, dirs: list[Path], res: dict, files: dict, metric: str) 
 
 def set_scores(root: Path) -> tuple[list[int], dict[str, dict]]:
     """A results dir's seeds, and score ("strict", "stopped") -> comparison -> its per-seed differences in their
-    order, from its stopped.json (both scores, rescore's) or else results.json (what the experiment decoded, and the
-    stopped score too where it decoded strictly)."""
-    path = root / "stopped.json" if (root / "stopped.json").is_file() else root / "results.json"
+    order, from its results.json (what the experiment decoded, and the stopped score too where it decoded strictly),
+    or from rescore's stopped.json where the report predates the stopped score."""
+    path = root / "results.json"
     results = read_json(path)
+    if results.get("decode") != "stopped" and "intervals_stopped" not in results and (root / "stopped.json").is_file():
+        path, rescored = root / "stopped.json", read_json(root / "stopped.json")
+        if rescored["seeds"] != results["seeds"]:
+            raise UserError(f"{path}: seeds {rescored['seeds']} where results.json has {results['seeds']}; run "
+                            f"python rescore.py {root} again")
+        results = rescored
     if results.get("decode") == "stopped":
         by_score = {"stopped": results["intervals"]}
     else:

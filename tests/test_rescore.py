@@ -240,8 +240,8 @@ def test_across_reads_every_sets_per_seed_differences(tmp_path, capsys):
 
 
 def test_across_refuses_what_is_not_one_recipe_on_other_models(tmp_path):
-    """The same models (one set: pooled, not read across), other settings, another chosen rate, another test split:
-    refused by name, nothing written."""
+    """The same models (one set: pooled, not read across), other settings, another chosen rate, a stopped.json older
+    than its report, per-seed differences that are not one per seed: refused by name, nothing written."""
     a = set_dir(tmp_path / "a", [0], {PAIR: [0.01]})
     cases = {
         "same_models": (dict(), r"b and .*a hold the same models: one set, so pool them"),
@@ -255,6 +255,11 @@ def test_across_refuses_what_is_not_one_recipe_on_other_models(tmp_path):
         with pytest.raises(UserError, match=match):
             rescore.main(["--across", str(tmp_path / name / "x"), str(a), str(b)])
         assert not (tmp_path / name / "x").exists(), name
+    b = set_dir(tmp_path / "stale" / "b", [1], {PAIR: [0.02]}, models="b", rescored={PAIR: [0.02]})
+    (b / "stopped.json").write_text(json.dumps({"seeds": [0], "intervals": {}, "intervals_stopped": {}}))
+    with pytest.raises(UserError, match=r"b/stopped.json: seeds \[0\] where results.json has \[1\]; run python "
+                                        r"rescore.py .*b again"):
+        rescore.main(["--across", str(tmp_path / "x"), str(a), str(b)])
     b = set_dir(tmp_path / "short" / "b", [1], {PAIR: [0.02, 0.03]}, models="b")
     with pytest.raises(UserError, match=r"b/results.json: scd_aw_from_sft - td_from_sft \(strict\) has 2 per-seed "
                                         r"differences for seeds \[1\]"):
