@@ -131,6 +131,20 @@ def same_settings(a: dict, b: dict) -> tuple[str, object, object] | None:
     return checkpoints.config_diff(a, b)
 
 
+def check_recipe(first: Path, first_settings: dict, root: Path, settings: dict, results: dict, lrs: dict, why: str):
+    """UserError (ending in `why`) unless root's experiment.json has first's settings and its distillations ran at
+    the learning rates the dirs before it chose (lrs: start -> (rate, dir), filled in here); a grid searched on
+    another seed may differ."""
+    if diff := same_settings(first_settings, settings):
+        raise UserError(f"{root / 'experiment.json'} has {diff[0]}={diff[2]!r} where {first / 'experiment.json'} has "
+                        f"{diff[1]!r}: {why}")
+    for start, search in results.get("lr_search", {}).items():
+        lr, where = lrs.setdefault(start, (search["chosen"], root))
+        if search["chosen"] != lr:
+            raise UserError(f"{root / 'results.json'}: its distillations from the {start} student ran at lr "
+                            f"{search['chosen']}, {where}'s at {lr}: {why}")
+
+
 def read_dirs(dirs: list[Path]) -> tuple[dict, dict, dict, dict, dict]:
     """Every model's prediction rows and files by seed (None: one run for all seeds) over the results dirs, checked
     to be one experiment's; the answers a decoder with stopping ended, per model and seed, where the dirs decoded so;
@@ -138,16 +152,8 @@ def read_dirs(dirs: list[Path]) -> tuple[dict, dict, dict, dict, dict]:
     rows, files, n_stopped, lrs, first = {}, {}, {}, {}, None
     for root in dirs:
         results, settings = read_json(root / "results.json"), read_json(root / "experiment.json")
-        if first is None:
-            first = (root, results, settings)
-        elif diff := same_settings(first[2], settings):
-            raise UserError(f"{root / 'experiment.json'} has {diff[0]}={diff[2]!r} where {first[0] / 'experiment.json'}"
-                            f" has {diff[1]!r}: not one experiment's runs, so not pooled")
-        for start, search in results.get("lr_search", {}).items():  # a grid searched on another seed may differ
-            lr, where = lrs.setdefault(start, (search["chosen"], root))
-            if search["chosen"] != lr:
-                raise UserError(f"{root / 'results.json'}: its distillations from the {start} student ran at lr "
-                                f"{search['chosen']}, {where}'s at {lr}: not pooled")
+        first = first or (root, results, settings)
+        check_recipe(first[0], first[2], root, settings, results, lrs, "not one experiment's runs, so not pooled")
         for key, recorded in results["main"].items():
             seeds = results["seeds"] if key == "student_sft" or key in report.VARIANTS else [None]
             found = read_model(root, key, recorded, seeds, results["n_test"]) if recorded else ([], [])
@@ -240,12 +246,11 @@ def pooled_md(out: Path, dirs: list[Path], res: dict, files: dict, metric: str) 
 # --across: one comparison made by several sets of models, read over all their seeds
 
 
-def set_scores(root: Path) -> tuple[list[int], dict[str, dict]]:
+def set_scores(root: Path, results: dict) -> tuple[list[int], dict[str, dict]]:
     """A results dir's seeds, and score ("strict", "stopped") -> comparison -> its per-seed differences in their
     order, from its results.json (what the experiment decoded, and the stopped score too where it decoded strictly),
     or from rescore's stopped.json where the report predates the stopped score."""
     path = root / "results.json"
-    results = read_json(path)
     if results.get("decode") != "stopped" and "intervals_stopped" not in results and (root / "stopped.json").is_file():
         path, rescored = root / "stopped.json", read_json(root / "stopped.json")
         if rescored["seeds"] != results["seeds"]:
@@ -269,24 +274,15 @@ def set_scores(root: Path) -> tuple[list[int], dict[str, dict]]:
 def check_sets(dirs: list[Path]) -> list[dict]:
     """Each dir's results.json, after checking that the dirs ran one recipe (the same task, test examples, settings
     and chosen learning rates) on other models. How they decoded may differ: each score is read by its name."""
-    first, seen = None, {}
-    reports = []
+    first, lrs, seen, reports = None, {}, {}, []
     for root in dirs:
         results, settings = read_json(root / "results.json"), read_json(root / "experiment.json")
-        if first is None:
-            first = (root, results, settings)
-        elif (results["task"], results["n_test"]) != (first[1]["task"], first[1]["n_test"]):
+        first = first or (root, results, settings)
+        if (results["task"], results["n_test"]) != (first[1]["task"], first[1]["n_test"]):
             raise UserError(f"{root / 'results.json'}: {results['task']} on {results['n_test']} test examples, "
                             f"{first[0]}'s {first[1]['task']} on {first[1]['n_test']}: not the same comparison")
-        elif diff := same_settings(*({**s, "models": None, "decode": None} for s in (first[2], settings))):
-            raise UserError(f"{root / 'experiment.json'} has {diff[0]}={diff[2]!r} where {first[0] / 'experiment.json'}"
-                            f" has {diff[1]!r}: not one recipe's runs")
-        chosen = {start: search["chosen"] for start, search in results.get("lr_search", {}).items()}
-        for start, lr in chosen.items():
-            other = first[1].get("lr_search", {}).get(start, {}).get("chosen", lr)
-            if other != lr:
-                raise UserError(f"{root / 'results.json'}: its distillations from the {start} student ran at lr {lr}, "
-                                f"{first[0]}'s at {other}: not one recipe's runs")
+        free = {"models": None, "decode": None}  # the sets' own models; each score is read by its name
+        check_recipe(first[0], {**first[2], **free}, root, {**settings, **free}, results, lrs, "not one recipe's runs")
         models = json.dumps(settings.get("models"), sort_keys=True)
         if models in seen:
             raise UserError(f"{root} and {seen[models]} hold the same models: one set, so pool them "
@@ -302,8 +298,8 @@ def across(out: Path, dirs: list[Path]) -> str:
     reports = check_sets(dirs)
     res = {"task": reports[0]["task"], "n_test": reports[0]["n_test"], "sets": [str(d) for d in dirs],
            "comparisons": {}}
-    for root in dirs:
-        seeds, scores = set_scores(root)
+    for root, results in zip(dirs, reports):
+        seeds, scores = set_scores(root, results)
         for score, pairs in scores.items():
             for pair, diffs in pairs.items():
                 by_score = res["comparisons"].setdefault(pair, {}).setdefault(score, {"per_set": []})
