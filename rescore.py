@@ -27,7 +27,8 @@ reads one experiment made again with other models (another machine kind heals an
 teacher from the same recipe: "sets") over all the sets' seeds, into OUT/across.md and across.json. Their answers are
 not pooled, but each seed's paired difference (SCD+AW from SFT − TD from SFT, say) is a draw of the same comparison:
 a t interval over every set's per-seed differences, the set's models counted as part of the seed's noise. The sets
-must share every setting and chosen learning rate and differ in their models.
+must share every setting and chosen learning rate and differ in their models. A set made by several invocations is
+pooled first, and its --pool OUT dir is given here as one set.
 """
 
 import argparse
@@ -211,6 +212,7 @@ def pool(out: Path, dirs: list[Path]) -> str:
         res["n_stopped"] = {key: [report.n_cut(rows[key][s], cut[key][s]) for s in seeds[key]] for key in rows}
     res["files"] = {key: {str(s): os.path.relpath(f, out) for s, f in by_seed.items()}
                     for key, by_seed in files.items()}
+    res["settings"], res["lr_search"] = settings, results.get("lr_search", {})  # checked the same in every dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pooled.json", json.dumps(res, indent=2) + "\n")
     atomic_write_text(out / "pooled.md", "\n".join(pooled_md(out, dirs, res, files, results["metric"])) + "\n")
@@ -246,12 +248,14 @@ def pooled_md(out: Path, dirs: list[Path], res: dict, files: dict, metric: str) 
 # --across: one comparison made by several sets of models, read over all their seeds
 
 
-def set_scores(root: Path, results: dict) -> tuple[list[int], dict[str, dict]]:
-    """A results dir's seeds, and score ("strict", "stopped") -> comparison -> its per-seed differences in their
-    order, from its results.json (what the experiment decoded, and the stopped score too where it decoded strictly),
-    or from rescore's stopped.json where the report predates the stopped score."""
-    path = root / "results.json"
-    if results.get("decode") != "stopped" and "intervals_stopped" not in results and (root / "stopped.json").is_file():
+def set_scores(root: Path, results: dict) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """score ("strict", "stopped") -> comparison -> (its seeds, its per-seed differences in their order) of one set:
+    from a results dir's results.json (what the experiment decoded, and the stopped score too where it decoded
+    strictly), or rescore's stopped.json where the report predates the stopped score; from a pooled dir's
+    pooled.json, each comparison on the seeds it paired."""
+    path = root / ("results.json" if "paired_seeds" not in results else "pooled.json")
+    rescored_later = "paired_seeds" not in results and "intervals_stopped" not in results
+    if results.get("decode") != "stopped" and rescored_later and (root / "stopped.json").is_file():
         path, rescored = root / "stopped.json", read_json(root / "stopped.json")
         if rescored["seeds"] != results["seeds"]:
             raise UserError(f"{path}: seeds {rescored['seeds']} where results.json has {results['seeds']}; run "
@@ -261,25 +265,39 @@ def set_scores(root: Path, results: dict) -> tuple[list[int], dict[str, dict]]:
         by_score = {"stopped": results["intervals"]}
     else:
         by_score = {"strict": results["intervals"], "stopped": results.get("intervals_stopped", {})}
-    out = {score: {pair: [p["diff"] for p in b["per_seed"]] for pair, b in intervals.items()}
-           for score, intervals in by_score.items()}
-    for score, pairs in out.items():
-        for pair, diffs in pairs.items():
-            if len(diffs) != len(results["seeds"]):
-                raise UserError(f"{path}: {pair} ({score}) has {len(diffs)} per-seed differences for seeds "
-                                f"{results['seeds']}")
-    return results["seeds"], out
+    out = {}
+    for score, intervals in by_score.items():
+        for pair, b in intervals.items():
+            seeds = results["paired_seeds"][pair] if "paired_seeds" in results else results["seeds"]
+            diffs = [p["diff"] for p in b["per_seed"]]
+            if len(diffs) != len(seeds):
+                raise UserError(f"{path}: {pair} ({score}) has {len(diffs)} per-seed differences for seeds {seeds}")
+            out.setdefault(score, {})[pair] = (seeds, diffs)
+    return out
+
+
+def read_set(root: Path) -> tuple[dict, dict]:
+    """A set's report and settings: a results dir's results.json and experiment.json, or, for a set made by several
+    invocations and pooled (rescore.py --pool), its pooled.json, which holds the settings its dirs shared."""
+    if not (root / "results.json").is_file() and (root / "pooled.json").is_file():
+        pooled = read_json(root / "pooled.json")
+        if "settings" not in pooled:
+            raise UserError(f"{root / 'pooled.json'}: written before pooled dirs recorded their settings; run its "
+                            "python rescore.py --pool again")
+        return pooled, pooled["settings"]
+    return read_json(root / "results.json"), read_json(root / "experiment.json")
 
 
 def check_sets(dirs: list[Path]) -> list[dict]:
-    """Each dir's results.json, after checking that the dirs ran one recipe (the same task, test examples, settings
-    and chosen learning rates) on other models. How they decoded may differ: each score is read by its name."""
+    """Each set's report (read_set), after checking that the sets ran one recipe (the same task, test examples,
+    settings and chosen learning rates) on other models. How they decoded may differ: each score is read by its
+    name."""
     first, lrs, seen, reports = None, {}, {}, []
     for root in dirs:
-        results, settings = read_json(root / "results.json"), read_json(root / "experiment.json")
+        results, settings = read_set(root)
         first = first or (root, results, settings)
         if (results["task"], results["n_test"]) != (first[1]["task"], first[1]["n_test"]):
-            raise UserError(f"{root / 'results.json'}: {results['task']} on {results['n_test']} test examples, "
+            raise UserError(f"{root}: {results['task']} on {results['n_test']} test examples, "
                             f"{first[0]}'s {first[1]['task']} on {first[1]['n_test']}: not the same comparison")
         free = {"models": None, "decode": None}  # the sets' own models; each score is read by its name
         check_recipe(first[0], {**first[2], **free}, root, {**settings, **free}, results, lrs, "not one recipe's runs")
@@ -299,9 +317,8 @@ def across(out: Path, dirs: list[Path]) -> str:
     res = {"task": reports[0]["task"], "n_test": reports[0]["n_test"], "sets": [str(d) for d in dirs],
            "comparisons": {}}
     for root, results in zip(dirs, reports):
-        seeds, scores = set_scores(root, results)
-        for score, pairs in scores.items():
-            for pair, diffs in pairs.items():
+        for score, pairs in set_scores(root, results).items():
+            for pair, (seeds, diffs) in pairs.items():
                 by_score = res["comparisons"].setdefault(pair, {}).setdefault(score, {"per_set": []})
                 by_score["per_set"].append({"dir": str(root), "seeds": seeds, "diffs": diffs})
     made = res["comparisons"]  # one set's comparison is its own report's seed interval: not repeated here

@@ -195,13 +195,13 @@ PAIR, ONE = "scd_aw_from_sft - td_from_sft", "td_from_sft - student_sft"
 
 
 def set_dir(root, seeds: list[int], intervals: dict, stopped: dict | None = None, decode: str = "strict",
-            models: str = "a", lr: str = "1e-4", preset: str = "cpu", rescored: dict | None = None):
+            models: str = "a", lr: str = "1e-4", preset: str = "cpu", rescored: dict | None = None, n_test: int = 940):
     """A results dir as experiment.py writes it, reduced to what --across reads: the per-seed differences of each
     comparison (pair -> list), on the decoded score (`intervals`) and, decoded strictly, the stopped one; `rescored`
     writes them to stopped.json (rescore's, both scores) instead."""
     root.mkdir(parents=True)
     per = lambda by_pair: {p: {"per_seed": [{"diff": d} for d in ds]} for p, ds in by_pair.items()}  # noqa: E731
-    results = {"task": "ncbi_disease", "seeds": seeds, "n_test": 940, "decode": decode, "intervals": per(intervals),
+    results = {"task": "ncbi_disease", "seeds": seeds, "n_test": n_test, "decode": decode, "intervals": per(intervals),
                "lr_search": {"sft": {"chosen": lr}}, **({"intervals_stopped": per(stopped)} if stopped else {})}
     (root / "results.json").write_text(json.dumps(results))
     if rescored:
@@ -264,3 +264,30 @@ def test_across_refuses_what_is_not_one_recipe_on_other_models(tmp_path):
     with pytest.raises(UserError, match=r"b/results.json: scd_aw_from_sft - td_from_sft \(strict\) has 2 per-seed "
                                         r"differences for seeds \[1\]"):
         rescore.main(["--across", str(tmp_path / "x"), str(a), str(b)])
+
+
+def test_across_reads_a_pooled_set_on_the_seeds_each_comparison_paired(tmp_path):
+    """A set made by two invocations is pooled (--pool) and its pooled dir read across as one set: its per-seed
+    differences are the pooled report's, each on the seeds it paired. By hand from PREDS: TD − student SFT is
+    0 and 8/11 − 2/3 = 2/33 strict, 6/7 − 2/3 and 3/4 − 2/3 stopped (seeds 0, 1); the other set adds 0.05 / 0.02
+    (seed 10). A pooled.json from before it recorded its settings is refused by name."""
+    settings = {"task": "ncbi_disease", "preset": "cpu", "decode": "strict", "models": {"student": "abc"}}
+    seed = lambda s: {"student_sft": {s: PREDS[f"student_sft_s{s}"]}, "td": {s: PREDS[f"td_s{s}"]}}  # noqa: E731
+    a0 = seeds_dir(tmp_path / "a0", [0], {"teacher": PREDS["teacher"], **seed(0)}, settings)
+    a1 = seeds_dir(tmp_path / "a1", [1], {"teacher": PREDS["teacher"], **seed(1)}, settings)
+    rescore.main(["--pool", str(tmp_path / "a"), str(a0), str(a1)])
+    pair = "td - student_sft"
+    b = set_dir(tmp_path / "b", [10], {pair: [0.05]}, {pair: [0.02]}, models="b", n_test=len(GOLDS))
+    rescore.main(["--across", str(tmp_path / "x"), str(tmp_path / "a"), str(b)])
+    got = json.loads((tmp_path / "x" / "across.json").read_text())["comparisons"][pair]
+    for score, want in (("strict", [0.0, 2 / 33]), ("stopped", [6 / 7 - 2 / 3, 3 / 4 - 2 / 3])):
+        (pooled_seeds, diffs), (other, _) = [(s["seeds"], s["diffs"]) for s in got[score]["per_set"]]
+        assert (pooled_seeds, other) == ([0, 1], [10]) and diffs == pytest.approx(want), score
+        assert got[score]["n"] == 3 and got[score]["diff"] == pytest.approx(
+            (sum(want) + (0.05 if score == "strict" else 0.02)) / 3), score
+    pooled = json.loads((tmp_path / "a" / "pooled.json").read_text())
+    del pooled["settings"]
+    (tmp_path / "a" / "pooled.json").write_text(json.dumps(pooled))
+    with pytest.raises(UserError, match=r"a/pooled.json: written before pooled dirs recorded their settings"):
+        rescore.main(["--across", str(tmp_path / "y"), str(tmp_path / "a"), str(b)])
+    assert not (tmp_path / "y").exists()
