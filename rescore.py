@@ -27,7 +27,8 @@ reads one experiment made again with other models (another machine kind heals an
 teacher from the same recipe: "sets") over all the sets' seeds, into OUT/across.md and across.json. Their answers are
 not pooled, but each seed's paired difference (SCD+AW from SFT − TD from SFT, say) is a draw of the same comparison:
 a t interval over every set's per-seed differences, the set's models counted as part of the seed's noise. The sets
-must share every setting and chosen learning rate and differ in their models. A set made by several invocations is
+must share every setting and chosen learning rate and differ in their models: in the models they start from, or
+in the SFT teacher they trained (the same inputs gave another teacher, another teacher score). A set made by several invocations is
 pooled first, and its --pool OUT dir is given here as one set.
 """
 
@@ -301,11 +302,16 @@ def check_sets(dirs: list[Path]) -> list[dict]:
                             f"{first[0]}'s {first[1]['task']} on {first[1]['n_test']}: not the same comparison")
         free = {"models": None, "decode": None}  # the sets' own models; each score is read by its name
         check_recipe(first[0], {**first[2], **free}, root, {**settings, **free}, results, lrs, "not one recipe's runs")
+        # the models a set starts from (base teacher, healed student), and the SFT teacher it trained from them: the
+        # same inputs can give another teacher where the teacher SFT did not repeat itself
         models = json.dumps(settings.get("models"), sort_keys=True)
-        if models in seen:
-            raise UserError(f"{root} and {seen[models]} hold the same models: one set, so pool them "
-                            "(python rescore.py --pool) rather than read them across")
-        seen[models] = root
+        teacher = (settings.get("decode", "strict"), results["main"].get("teacher"))
+        if models in seen and (seen[models][1] == teacher or seen[models][1][0] != teacher[0]):
+            raise UserError(f"{root} and {seen[models][0]} hold the same models"
+                            + (": one set, so pool them (python rescore.py --pool) rather than read them across"
+                               if seen[models][1] == teacher else f" and decoded otherwise, so whether their "
+                               "teachers differ cannot be read from their scores"))
+        seen.setdefault(models, (root, teacher))
         reports.append(results)
     return reports
 

@@ -195,14 +195,16 @@ PAIR, ONE = "scd_aw_from_sft - td_from_sft", "td_from_sft - student_sft"
 
 
 def set_dir(root, seeds: list[int], intervals: dict, stopped: dict | None = None, decode: str = "strict",
-            models: str = "a", lr: str = "1e-4", preset: str = "cpu", rescored: dict | None = None, n_test: int = 940):
+            models: str = "a", lr: str = "1e-4", preset: str = "cpu", rescored: dict | None = None, n_test: int = 940,
+            teacher: float = 0.5):
     """A results dir as experiment.py writes it, reduced to what --across reads: the per-seed differences of each
     comparison (pair -> list), on the decoded score (`intervals`) and, decoded strictly, the stopped one; `rescored`
     writes them to stopped.json (rescore's, both scores) instead."""
     root.mkdir(parents=True)
     per = lambda by_pair: {p: {"per_seed": [{"diff": d} for d in ds]} for p, ds in by_pair.items()}  # noqa: E731
-    results = {"task": "ncbi_disease", "seeds": seeds, "n_test": n_test, "decode": decode, "intervals": per(intervals),
-               "lr_search": {"sft": {"chosen": lr}}, **({"intervals_stopped": per(stopped)} if stopped else {})}
+    results = {"task": "ncbi_disease", "seeds": seeds, "n_test": n_test, "decode": decode,
+               "main": {"teacher": [teacher]}, "intervals": per(intervals), "lr_search": {"sft": {"chosen": lr}},
+               **({"intervals_stopped": per(stopped)} if stopped else {})}
     (root / "results.json").write_text(json.dumps(results))
     if rescored:
         (root / "stopped.json").write_text(json.dumps({"seeds": seeds, "intervals": per(intervals),
@@ -245,6 +247,9 @@ def test_across_refuses_what_is_not_one_recipe_on_other_models(tmp_path):
     a = set_dir(tmp_path / "a", [0], {PAIR: [0.01]})
     cases = {
         "same_models": (dict(), r"b and .*a hold the same models: one set, so pool them"),
+        # the same inputs, another teacher score, but another decoding: the scores cannot tell the teachers apart
+        "same_models_decoded_otherwise": (dict(decode="stopped", teacher=0.6), r"b and .*a hold the same models and "
+                                          r"decoded otherwise, so whether their teachers differ cannot be read"),
         "other_preset": (dict(models="b", preset="gpu"), r"b/experiment.json has preset='gpu' where .*a/experiment"
                                                          r".json has 'cpu': not one recipe's runs"),
         "other_lr": (dict(models="b", lr="2e-4"), r"b/results.json: its distillations from the sft student ran at lr "
@@ -291,3 +296,13 @@ def test_across_reads_a_pooled_set_on_the_seeds_each_comparison_paired(tmp_path)
     with pytest.raises(UserError, match=r"a/pooled.json: written before pooled dirs recorded their settings"):
         rescore.main(["--across", str(tmp_path / "y"), str(tmp_path / "a"), str(b)])
     assert not (tmp_path / "y").exists()
+
+
+def test_across_takes_the_same_inputs_with_another_sft_teacher_as_another_set(tmp_path):
+    """The same base teacher and healed student, but a teacher SFT that did not repeat itself (another teacher score):
+    two sets, read across."""
+    a = set_dir(tmp_path / "a", [0], {PAIR: [0.01]})
+    b = set_dir(tmp_path / "b", [3], {PAIR: [0.03]}, teacher=0.51)
+    rescore.main(["--across", str(tmp_path / "x"), str(a), str(b)])
+    got = json.loads((tmp_path / "x" / "across.json").read_text())["comparisons"][PAIR]["strict"]
+    assert [s["seeds"] for s in got["per_set"]] == [[0], [3]] and got["diff"] == pytest.approx(0.02)
