@@ -28,8 +28,8 @@ teacher from the same recipe: "sets") over all the sets' seeds, into OUT/across.
 not pooled, but each seed's paired difference (SCD+AW from SFT − TD from SFT, say) is a draw of the same comparison:
 a t interval over every set's per-seed differences, the set's models counted as part of the seed's noise. The sets
 must share every setting and chosen learning rate and differ in their models: in the models they start from, or
-in the SFT teacher they trained (the same inputs gave another teacher, another teacher score). A set made by several invocations is
-pooled first, and its --pool OUT dir is given here as one set.
+in the SFT teacher they trained (the same inputs gave another teacher, another teacher score). A set made by several
+invocations is pooled first, and its --pool OUT dir is given here as one set.
 """
 
 import argparse
@@ -254,8 +254,9 @@ def set_scores(root: Path, results: dict) -> dict[str, dict[str, tuple[list[int]
     from a results dir's results.json (what the experiment decoded, and the stopped score too where it decoded
     strictly), or rescore's stopped.json where the report predates the stopped score; from a pooled dir's
     pooled.json, each comparison on the seeds it paired."""
-    path = root / ("results.json" if "paired_seeds" not in results else "pooled.json")
-    rescored_later = "paired_seeds" not in results and "intervals_stopped" not in results
+    pooled = "paired_seeds" in results
+    path = root / ("pooled.json" if pooled else "results.json")
+    rescored_later = not pooled and "intervals_stopped" not in results
     if results.get("decode") != "stopped" and rescored_later and (root / "stopped.json").is_file():
         path, rescored = root / "stopped.json", read_json(root / "stopped.json")
         if rescored["seeds"] != results["seeds"]:
@@ -269,7 +270,7 @@ def set_scores(root: Path, results: dict) -> dict[str, dict[str, tuple[list[int]
     out = {}
     for score, intervals in by_score.items():
         for pair, b in intervals.items():
-            seeds = results["paired_seeds"][pair] if "paired_seeds" in results else results["seeds"]
+            seeds = results["paired_seeds"][pair] if pooled else results["seeds"]
             diffs = [p["diff"] for p in b["per_seed"]]
             if len(diffs) != len(seeds):
                 raise UserError(f"{path}: {pair} ({score}) has {len(diffs)} per-seed differences for seeds {seeds}")
@@ -305,13 +306,15 @@ def check_sets(dirs: list[Path]) -> list[dict]:
         # the models a set starts from (base teacher, healed student), and the SFT teacher it trained from them: the
         # same inputs can give another teacher where the teacher SFT did not repeat itself
         models = json.dumps(settings.get("models"), sort_keys=True)
-        teacher = (settings.get("decode", "strict"), results["main"].get("teacher"))
-        if models in seen and (seen[models][1] == teacher or seen[models][1][0] != teacher[0]):
-            raise UserError(f"{root} and {seen[models][0]} hold the same models"
-                            + (": one set, so pool them (python rescore.py --pool) rather than read them across"
-                               if seen[models][1] == teacher else f" and decoded otherwise, so whether their "
-                               "teachers differ cannot be read from their scores"))
-        seen.setdefault(models, (root, teacher))
+        decode, teacher = settings.get("decode", "strict"), results["main"].get("teacher")
+        for other, other_decode, other_teacher in seen.setdefault(models, []):
+            if other_decode != decode:
+                raise UserError(f"{root} and {other} hold the same models and decoded otherwise, so whether their "
+                                "teachers differ cannot be read from their scores")
+            if other_teacher == teacher:
+                raise UserError(f"{root} and {other} hold the same models: one set, so pool them (python rescore.py "
+                                "--pool) rather than read them across")
+        seen[models].append((root, decode, teacher))
         reports.append(results)
     return reports
 
